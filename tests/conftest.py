@@ -1,0 +1,43 @@
+"""Shared fixtures: an isolated Hugging Face cache per test, and tiny member checkpoints built at run time."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+# Progress bars in test logs are noise; tests that check them set the variable themselves.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True)
+def isolated_hf_home(tmp_path_factory, monkeypatch):
+    home = tmp_path_factory.mktemp("hf_home")
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    return home
+
+
+@pytest.fixture
+def run_cli(capfd):
+    """Run `warm-hub ARGS...` in-process; return (exit code, stdout, stderr)."""
+    from warm_hub.cli import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        capfd.readouterr()
+        try:
+            main(list(map(str, args)))
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        out, err = capfd.readouterr()
+        return code, out, err
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def python() -> str:
+    return sys.executable

@@ -1,0 +1,5 @@
+"""`python -m warm_hub` runs the `warm-hub` command line."""
+
+from warm_hub.cli import main
+
+main()

@@ -1,0 +1,77 @@
+"""The averaging step: `out = round(sum_i w_i * x_i)` with fp32 accumulation (fp64 for fp64 data).
+
+One entry point, `weighted_average_into`, serves the streaming engine and the in-memory API. CPU tensors go
+through a chunked torch loop whose fp32 accumulator stays in cache; CUDA tensors go to the fused Triton
+kernel in `warm_hub.kernels`.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Sequence
+
+import torch
+
+# 256K fp32 elements = 1 MiB: the accumulator and the slices being read stay in a core's L2 cache.
+CPU_BLOCK = 256 * 1024
+_scratch = threading.local()
+
+
+def accumulator_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def _overflow_limit(dtype: torch.dtype) -> float:
+    """The smallest magnitude that rounds to infinity in `dtype` (round to nearest even)."""
+    if dtype in (torch.float32, torch.float64):
+        return math.inf
+    info = torch.finfo(dtype)
+    ulp = 2.0 ** math.floor(math.log2(info.max)) * info.eps
+    # Half an ulp above the largest finite value is where round-to-nearest-even goes to infinity.
+    return info.max + ulp / 2
+
+
+def weighted_average_into(out: torch.Tensor, inputs: Sequence[torch.Tensor], weights: Sequence[float]) -> bool:
+    """Write the weighted average of `inputs` into `out`, rounding once.
+
+    Args:
+        out: contiguous floating tensor receiving the result (may be any float dtype).
+        inputs: contiguous tensors of `out`'s number of elements, any mix of float dtypes.
+        weights: one float per input (already normalised by the caller).
+
+    Returns:
+        True when every value of the result is finite; False when an input holds NaN/Inf or the
+        average overflows `out`'s dtype (the caller decides what to say).
+    """
+    if out.is_cuda:
+        from warm_hub.kernels import weighted_average
+
+        weighted_average(list(inputs), list(weights), out=out)
+        return bool(torch.isfinite(out).all())
+    return _cpu_weighted_average(out.view(-1), [x.view(-1) for x in inputs], weights)
+
+
+def _cpu_weighted_average(out: torch.Tensor, inputs: list[torch.Tensor], weights: Sequence[float]) -> bool:
+    acc_dtype = accumulator_dtype(out.dtype, *(x.dtype for x in inputs))
+    limit = _overflow_limit(out.dtype)
+    scratch = getattr(_scratch, acc_dtype.__repr__(), None)
+    if scratch is None:
+        scratch = torch.empty(CPU_BLOCK, dtype=acc_dtype)
+        setattr(_scratch, acc_dtype.__repr__(), scratch)
+    finite = True
+    n = out.numel()
+    for start in range(0, n, CPU_BLOCK):
+        stop = min(start + CPU_BLOCK, n)
+        acc = scratch[: stop - start]
+        # copy_ then mul_: torch.mul(x_bf16, w, out=acc) would round the product to bf16 first.
+        acc.copy_(inputs[0][start:stop])
+        acc.mul_(weights[0])
+        for x, w in zip(inputs[1:], weights[1:], strict=True):
+            acc.add_(x[start:stop], alpha=w)
+        if finite:
+            # One cheap reduction in cache: NaN/Inf in any input, or overflow of the output dtype, shows here.
+            low, high = torch.aminmax(acc)
+            finite = -limit < low.item() and high.item() < limit
+        out[start:stop].copy_(acc)
+    return finite

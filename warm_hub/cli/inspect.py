@@ -1,0 +1,59 @@
+"""`warm-hub inspect`: print whether ingredients can be merged, their sizes and dtypes, and their distances."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+
+import click
+
+
+@click.command("inspect")
+@click.argument("sources", nargs=-1, required=True)
+@click.option("--distances", is_flag=True, help="Stream the weights to measure pairwise L2 distances.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def inspect_command(sources: tuple[str, ...], distances: bool, as_json: bool) -> None:
+    """Check whether SOURCES (local folders or Hub repo ids) can be merged, and how far apart they are."""
+    from warm_hub.inspect import inspect_ingredients
+    from warm_hub.sizes import format_size
+
+    report = inspect_ingredients(list(sources), distances=distances)
+    if as_json:
+        click.echo(json.dumps(asdict(report) | {"mergeable": report.mergeable}, indent=2, default=str))
+        sys.exit(0 if report.mergeable else 1)
+
+    rows = [("#", "ingredient", "revision", "tensors", "params", "size", "dtypes", "architecture")]
+    for i, ing in enumerate(report.ingredients, 1):
+        dtypes = ",".join(f"{k}:{v}" for k, v in sorted(ing.dtypes.items()))
+        arch = ",".join(ing.architectures or ["?"])
+        rev = (ing.revision or "local")[:12]
+        rows.append(
+            (str(i), ing.label, rev, str(ing.tensors), f"{ing.parameters:,}", format_size(ing.bytes), dtypes, arch)
+        )
+    _table(rows)
+    if report.config_differences:
+        click.echo("\nConfig differences (expected for WARM diversity axes such as dropout):")
+        for key, values in report.config_differences.items():
+            click.echo(f"  {key}: " + " | ".join(json.dumps(v) for v in values))
+    if report.distances is not None:
+        click.echo(f"\nL2 distances between ingredients (norm of their average: {report.mean_norm:.4g}):")
+        header = [""] + [str(i) for i in range(1, len(report.distances) + 1)] + ["to mean"]
+        body = [
+            [str(i)] + [f"{d:.4g}" for d in row] + [f"{report.distance_to_mean[i - 1]:.4g}"]
+            for i, row in enumerate(report.distances, 1)
+        ]
+        _table([header, *body])
+    if report.mergeable:
+        click.echo("\nMergeable: yes")
+    else:
+        click.echo("\nMergeable: no")
+        for problem in report.problems:
+            click.echo(f"  - {problem}")
+        sys.exit(1)
+
+
+def _table(rows: list) -> None:
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())

@@ -1,0 +1,352 @@
+"""The streaming merge engine: read chunks, average them, write them at their final offsets.
+
+A reader thread fills a fixed pool of chunk buffers with `pread`s of every ingredient, the calling thread
+averages, and a writer thread `pwrite`s each result in place, hashes the shards in order and journals finished
+chunks for `--resume`. Memory is the pool, whatever the size of a tensor or a shard.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .averaging import weighted_average_into
+from .errors import (
+    DiskFullError,
+    IncompatibleCheckpointsError,
+    InvalidOptionError,
+    NonFiniteWeightsError,
+)
+from .journal import ResumeJournal
+from .plan import MergePlan, OutputTensor
+from .safetensors_io import itemsize, torch_dtype
+from .sizes import format_size
+from .sources import IngredientSource
+
+try:
+    from huggingface_hub.utils import logging
+
+    logger = logging.get_logger(__name__)
+except ImportError:  # pragma: no cover
+    import logging
+
+    logger = logging.getLogger(__name__)
+
+PIPELINE_DEPTH = 3  # one chunk being read, one averaged, one written
+MAX_CHUNK_ELEMENTS = 8 * 1024 * 1024
+MIN_CHUNK_ELEMENTS = 4096
+CHUNK_ALIGNMENT = 1024  # elements; keeps every chunk's start 16-byte aligned for vector loads
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_END = object()
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """A range of elements of one output tensor."""
+
+    index: int
+    tensor: OutputTensor
+    start: int
+    count: int
+
+
+def chunk_elements(plan: MergePlan, max_memory: int) -> int:
+    """The largest chunk (in elements) whose pipeline of buffers fits in `max_memory`.
+
+    Raises:
+        InvalidOptionError: the budget cannot hold even the smallest useful chunk.
+    """
+    per_element = 0
+    for i in range(len(plan.labels)):
+        per_element += max(itemsize(t.inputs[i].dtype) for t in plan.tensors)
+    per_element += max(itemsize(t.dtype) for t in plan.tensors)
+    # The writer needs one more output-sized buffer to re-read finished chunks on --resume.
+    per_element = per_element * PIPELINE_DEPTH + max(itemsize(t.dtype) for t in plan.tensors)
+    elements = min(max_memory // per_element, MAX_CHUNK_ELEMENTS)
+    elements -= elements % CHUNK_ALIGNMENT
+    if elements < MIN_CHUNK_ELEMENTS:
+        need = MIN_CHUNK_ELEMENTS * per_element
+        raise InvalidOptionError(
+            f"--max-memory {format_size(max_memory)} is too small to stream {len(plan.labels)} ingredients;"
+            f" give at least {format_size(need)}"
+        )
+    return elements
+
+
+def work_items(plan: MergePlan, chunk: int) -> list[WorkItem]:
+    """Every chunk of the output, in file order (shard, then offset)."""
+    items: list[WorkItem] = []
+    for tensor in plan.tensors:
+        for start in range(0, tensor.numel, chunk):
+            items.append(WorkItem(len(items), tensor, start, min(chunk, tensor.numel - start)))
+    return items
+
+
+class _Slot:
+    """One set of chunk buffers: an input buffer per ingredient and an output buffer."""
+
+    def __init__(self, plan: MergePlan, chunk: int, pin: bool) -> None:
+        widest_in = [max(itemsize(t.inputs[i].dtype) for t in plan.tensors) for i in range(len(plan.labels))]
+        widest_out = max(itemsize(t.dtype) for t in plan.tensors)
+        self.inputs = [torch.empty(chunk * w, dtype=torch.uint8, pin_memory=pin) for w in widest_in]
+        self.output = torch.empty(chunk * widest_out, dtype=torch.uint8, pin_memory=pin)
+
+
+def _view(buffer: torch.Tensor, code: str, count: int) -> torch.Tensor:
+    return buffer[: count * itemsize(code)].view(torch_dtype(code))
+
+
+def _memoryview(buffer: torch.Tensor, nbytes: int) -> memoryview:
+    return memoryview(buffer.numpy())[:nbytes]
+
+
+class ShardWriter:
+    """The output shard files of a plan inside the partial folder: created with their headers, written in place."""
+
+    def __init__(self, plan: MergePlan, folder: Path, *, create: bool) -> None:
+        self.plan = plan
+        self.fds: list[int] = []
+        try:
+            for shard in plan.shards:
+                path = folder / shard.filename
+                if not create and (not path.is_file() or path.stat().st_size != shard.size):
+                    raise OSError(errno.ENOENT, f"partial output {path.name} is missing or of the wrong size")
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+                self.fds.append(fd)
+                if create:
+                    os.ftruncate(fd, shard.size)
+                    _reserve(fd, shard.size, path)
+                    self.pwrite(fd, memoryview(shard.header), 0, path)
+        except BaseException:
+            self.close()
+            raise
+
+    def pwrite(self, fd: int, data: memoryview, offset: int, path: object = "output") -> None:
+        done = 0
+        try:
+            while done < len(data):
+                done += os.pwrite(fd, data[done:], offset + done)
+        except OSError as exc:
+            if exc.errno in _DISK_FULL:
+                raise DiskFullError(f"no space left writing {path} ({os.strerror(exc.errno)})") from None
+            raise
+
+    def pread(self, fd: int, data: memoryview, offset: int) -> None:
+        done = 0
+        while done < len(data):
+            n = os.preadv(fd, [data[done:]], offset + done)
+            if n == 0:
+                raise OSError(errno.EIO, "partial output is shorter than planned; rerun without --resume")
+            done += n
+
+    def sync(self) -> None:
+        for fd in self.fds:
+            os.fsync(fd)
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+
+def _reserve(fd: int, size: int, path: Path) -> None:
+    """Reserve the whole shard on disk now, so a full disk fails before any work (where the fs supports it)."""
+    if size == 0 or not hasattr(os, "posix_fallocate"):
+        return
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno in _DISK_FULL:
+            raise DiskFullError(
+                f"not enough disk space for {path.name} ({format_size(size)}): {os.strerror(exc.errno)}"
+            ) from None
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+
+
+class MergeEngine:
+    """Run a `MergePlan` into a folder of shard files.
+
+    Args:
+        plan: the plan from `plan_merge`.
+        sources: one open source per ingredient, in plan order.
+        folder: where the shard files go (the partial output folder).
+        journal: records finished chunks; chunks it already holds are not computed again.
+        chunk: elements per chunk (`chunk_elements`).
+        device: `cpu` or a CUDA device for the averaging step.
+        allow_non_finite: keep going when an ingredient holds NaN/Inf.
+        on_progress: called with the number of output bytes each time a chunk is written.
+    """
+
+    def __init__(
+        self,
+        plan: MergePlan,
+        sources: Sequence[IngredientSource],
+        folder: Path,
+        *,
+        journal: ResumeJournal,
+        chunk: int,
+        device: torch.device,
+        allow_non_finite: bool = False,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> None:
+        self.plan, self.sources, self.folder, self.journal = plan, list(sources), folder, journal
+        self.chunk, self.device, self.allow_non_finite = chunk, device, allow_non_finite
+        self.on_progress = on_progress or (lambda n: None)
+        self.weights = [float(w) for w in plan.weights]
+        self._stop = threading.Event()
+        self._errors: list[BaseException] = []
+        self._warned: set[str] = set()
+
+    def run(self) -> dict[str, str]:
+        """Write every shard; return the sha256 of each shard file (also the Hub's LFS object id)."""
+        done = self.journal.done()
+        items = work_items(self.plan, self.chunk)
+        writer = ShardWriter(self.plan, self.folder, create=False)
+        slots: queue.Queue[_Slot] = queue.Queue()
+        pin = self.device.type == "cuda"
+        for _ in range(PIPELINE_DEPTH):
+            slots.put(_Slot(self.plan, self.chunk, pin))
+        ready: queue.Queue = queue.Queue()
+        finished: queue.Queue = queue.Queue()
+        digests: dict[str, str] = {}
+        threads = [
+            threading.Thread(target=self._guard, args=(self._read, items, done, slots, ready), daemon=True),
+            threading.Thread(target=self._guard, args=(self._write, writer, finished, slots, digests), daemon=True),
+        ]
+        for thread in threads:
+            thread.start()
+        try:
+            self._guard(self._average, ready, finished)
+        finally:
+            finished.put(_END)
+            for thread in threads:
+                thread.join()
+            if not self._errors:
+                writer.sync()
+            writer.close()
+        if self._errors:
+            raise self._errors[0]
+        return digests
+
+    def _guard(self, target: Callable[..., None], *args: object) -> None:
+        try:
+            target(*args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
+            self._errors.append(exc)
+            self._stop.set()
+
+    def _take(self, q: queue.Queue) -> object:
+        while True:
+            try:
+                return q.get(timeout=0.05)
+            except queue.Empty:
+                if self._stop.is_set():
+                    return _END
+
+    def _read(self, items: list[WorkItem], done: set[int], slots: queue.Queue, ready: queue.Queue) -> None:
+        try:
+            for item in items:
+                if self._stop.is_set():
+                    return
+                if item.index in done:
+                    ready.put((item, None))
+                    continue
+                slot = self._take(slots)
+                if slot is _END:
+                    return
+                for source, info, buffer in zip(self.sources, item.tensor.inputs, slot.inputs, strict=True):
+                    size = itemsize(info.dtype)
+                    view = _memoryview(buffer, item.count * size)
+                    source.read_into(info.file, info.start + item.start * size, view)
+                ready.put((item, slot))
+        finally:
+            ready.put(_END)
+
+    def _average(self, ready: queue.Queue, finished: queue.Queue) -> None:
+        while True:
+            message = ready.get()
+            if message is _END or self._stop.is_set():
+                return
+            item, slot = message
+            if slot is not None:
+                self._compute(item, slot)
+            finished.put((item, slot))
+
+    def _compute(self, item: WorkItem, slot: _Slot) -> None:
+        tensor = item.tensor
+        inputs = [_view(buf, info.dtype, item.count) for buf, info in zip(slot.inputs, tensor.inputs, strict=True)]
+        out = _view(slot.output, tensor.dtype, item.count)
+        if not tensor.average:
+            for label, other in zip(self.plan.labels[1:], inputs[1:], strict=True):
+                if not torch.equal(other.view(torch.uint8), inputs[0].view(torch.uint8)):
+                    raise IncompatibleCheckpointsError(
+                        f"cannot merge: non-float tensor {tensor.name!r} differs between {self.plan.labels[0]}"
+                        f" and {label} (it is copied, not averaged, so all ingredients must agree)"
+                    )
+            out.copy_(inputs[0])
+            return
+        if self.device.type == "cuda":
+            device_out = torch.empty(item.count, dtype=out.dtype, device=self.device)
+            device_in = [x.to(self.device, non_blocking=True) for x in inputs]
+            finite = weighted_average_into(device_out, device_in, self.weights)
+            out.copy_(device_out)
+        else:
+            finite = weighted_average_into(out, inputs, self.weights)
+        if not finite:
+            self._non_finite(tensor, inputs)
+
+    def _non_finite(self, tensor: OutputTensor, inputs: list[torch.Tensor]) -> None:
+        culprits = [label for label, x in zip(self.plan.labels, inputs, strict=True) if not torch.isfinite(x).all()]
+        if culprits:
+            problem = f"tensor {tensor.name!r} holds NaN or Inf values in {', '.join(culprits)}"
+        else:
+            problem = f"the average of tensor {tensor.name!r} overflows {torch_dtype(tensor.dtype)}"
+        if not self.allow_non_finite:
+            hint = "--allow-non-finite keeps them" if culprits else "choose a wider --dtype"
+            raise NonFiniteWeightsError(f"{problem} ({hint})")
+        if tensor.name not in self._warned:
+            self._warned.add(tensor.name)
+            logger.warning("%s; kept because non-finite values are allowed", problem)
+
+    def _write(self, writer: ShardWriter, finished: queue.Queue, slots: queue.Queue, digests: dict[str, str]) -> None:
+        shards = self.plan.shards
+        hashers = [hashlib.sha256(shard.header) for shard in shards]
+        readback: torch.Tensor | None = None
+        while True:
+            message = finished.get()
+            if message is _END:
+                break
+            if self._stop.is_set():
+                return
+            item, slot = message
+            tensor = item.tensor
+            size = itemsize(tensor.dtype)
+            nbytes = item.count * size
+            offset = tensor.offset + item.start * size
+            fd = writer.fds[tensor.shard]
+            if slot is None:
+                if readback is None:
+                    widest = max(itemsize(t.dtype) for t in self.plan.tensors)
+                    readback = torch.empty(self.chunk * widest, dtype=torch.uint8)
+                data = _memoryview(readback, nbytes)
+                writer.pread(fd, data, offset)
+            else:
+                data = _memoryview(slot.output, nbytes)
+                writer.pwrite(fd, data, offset, shards[tensor.shard].filename)
+            hashers[tensor.shard].update(data)
+            if slot is not None:
+                self.journal.record(item.index)
+                slots.put(slot)
+            self.on_progress(nbytes)
+        if not self._stop.is_set():
+            for shard, hasher in zip(shards, hashers, strict=True):
+                digests[shard.filename] = hasher.hexdigest()

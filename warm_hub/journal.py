@@ -1,0 +1,66 @@
+"""The resume journal: which chunks of a partial output are finished, and for which plan.
+
+One line of JSON naming the plan's fingerprint and chunk size, then one line per finished chunk, appended
+after its bytes were written. A merge killed at any point resumes from it to the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .errors import ResumeMismatchError
+
+JOURNAL_NAME = ".warm-hub-journal"
+
+
+class ResumeJournal:
+    """The journal of a partial output folder; use `start` or `load`, not the constructor."""
+
+    def __init__(self, path: Path, *, chunk: int, done: set[int], resumed: bool) -> None:
+        self.path, self.chunk, self.resumed = path, chunk, resumed
+        self._done = done
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+
+    @classmethod
+    def start(cls, folder: Path, *, fingerprint: str, chunk: int) -> ResumeJournal:
+        """Begin a fresh journal (call once the shard files exist with their headers)."""
+        path = folder / JOURNAL_NAME
+        path.write_text(json.dumps({"fingerprint": fingerprint, "chunk": chunk}) + "\n", encoding="utf-8")
+        return cls(path, chunk=chunk, done=set(), resumed=False)
+
+    @classmethod
+    def load(cls, folder: Path, *, fingerprint: str) -> ResumeJournal | None:
+        """The journal of an interrupted merge of the same plan, or None when there is nothing to resume.
+
+        Raises:
+            ResumeMismatchError: the journal was written for another plan (other inputs, weights or layout).
+        """
+        path = folder / JOURNAL_NAME
+        if not path.is_file():
+            return None
+        lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
+        try:
+            head = json.loads(lines[0])
+            chunk = int(head["chunk"])
+        except (ValueError, KeyError, TypeError):
+            return None
+        if head.get("fingerprint") != fingerprint:
+            raise ResumeMismatchError(
+                f"{folder} holds a partial merge of other inputs or options; rerun without --resume to start over"
+            )
+        # Only newline-terminated lines count: a line cut short by a crash is simply done again.
+        done = {int(line) for line in lines[1:-1] if line.isdigit()}
+        return cls(path, chunk=chunk, done=done, resumed=True)
+
+    def done(self) -> set[int]:
+        return set(self._done)
+
+    def record(self, index: int) -> None:
+        os.write(self._fd, b"%d\n" % index)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

@@ -1,0 +1,191 @@
+"""Ingredient sources: where a checkpoint's files come from (a local folder or file; the Hub in `hub.py`).
+
+A source gives byte ranges of its weight files and local paths of its small files (config, tokenizer).
+`open_source` turns what a user typed into the right source.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+from .errors import CheckpointFormatError, PickleCheckpointError, SourceNotFoundError
+
+SAFE_INDEX = "model.safetensors.index.json"
+SAFE_SINGLE = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Small files copied from the first ingredient to the output (tokenizer, generation and processor configs).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def pickle_message(where: str, files: list[str]) -> str:
+    names = ", ".join(sorted(files)[:3])
+    return (
+        f"{where} has only pickle weights ({names}); warm-hub never unpickles files. Convert them to safetensors"
+        " first, e.g. `AutoModelForSequenceClassification.from_pretrained(path).save_pretrained(path)` in a"
+        " trusted environment, or the Hub's safetensors conversion Space"
+    )
+
+
+class IngredientSource(ABC):
+    """One ingredient's files.
+
+    Attributes:
+        label: how the ingredient is named in recipes and cards (a repo id, or a folder name for local paths).
+        revision: the pinned commit sha for Hub sources, None for local ones.
+        is_local: whether the ingredient is a local path (not published anywhere).
+    """
+
+    label: str
+    revision: str | None = None
+    is_local: bool = True
+
+    @abstractmethod
+    def list_files(self) -> list[str]:
+        """Every file of the checkpoint, as paths relative to its root."""
+
+    @abstractmethod
+    def file_size(self, name: str) -> int:
+        """Size in bytes of one file."""
+
+    @abstractmethod
+    def read_into(self, name: str, offset: int, buffer: memoryview) -> None:
+        """Fill `buffer` with the bytes of `name` starting at `offset` (all of them, or raise)."""
+
+    @abstractmethod
+    def fetch(self, name: str) -> Path | None:
+        """A local path to a small file (config, tokenizer), or None if the checkpoint has no such file."""
+
+    def read_bytes(self, name: str, offset: int, length: int) -> bytes:
+        buffer = bytearray(length)
+        self.read_into(name, offset, memoryview(buffer))
+        return bytes(buffer)
+
+    def identity(self) -> dict[str, object]:
+        """What makes this ingredient this one, for the resume fingerprint."""
+        return {"label": self.label, "revision": self.revision}
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release open files or connections."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class LocalSource(IngredientSource):
+    """A checkpoint folder (or a single `.safetensors` file) on local disk, read with `pread`."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        path = Path(path).expanduser()
+        if not path.exists():
+            raise SourceNotFoundError(f"{path}: no such file or folder")
+        if path.is_file():
+            if path.suffix != ".safetensors":
+                if path.suffix in PICKLE_SUFFIXES:
+                    raise PickleCheckpointError(pickle_message(str(path), [path.name]))
+                raise CheckpointFormatError(f"{path}: not a .safetensors file or a checkpoint folder")
+            self.root = path.parent.resolve()
+            self._only = path.name
+        else:
+            self.root = path.resolve()
+            self._only = None
+        self.label = path.name if path.is_dir() else path.stem
+        self.path = path
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def list_files(self) -> list[str]:
+        if self._only:
+            return [self._only]
+        return sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file())
+
+    def _resolve(self, name: str) -> Path:
+        candidate = (self.root / name).resolve()
+        if candidate != self.root and self.root not in candidate.parents:
+            raise CheckpointFormatError(f"{self.path}: {name!r} points outside the checkpoint folder")
+        return candidate
+
+    def file_size(self, name: str) -> int:
+        try:
+            return self._resolve(name).stat().st_size
+        except FileNotFoundError:
+            raise CheckpointFormatError(f"{self.path}: file {name!r} is missing") from None
+
+    def _fd(self, name: str) -> int:
+        fd = self._fds.get(name)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(name)
+                if fd is None:
+                    fd = os.open(self._resolve(name), os.O_RDONLY)
+                    self._fds[name] = fd
+        return fd
+
+    def read_into(self, name: str, offset: int, buffer: memoryview) -> None:
+        fd, done, total = self._fd(name), 0, len(buffer)
+        while done < total:
+            n = os.preadv(fd, [buffer[done:]], offset + done)
+            if n == 0:
+                raise CheckpointFormatError(
+                    f"{self.path}/{name}: file ended at byte {offset + done}, expected {offset + total} (truncated?)"
+                )
+            done += n
+
+    def fetch(self, name: str) -> Path | None:
+        path = self._resolve(name)
+        return path if path.is_file() else None
+
+    def identity(self) -> dict[str, object]:
+        files = {}
+        for name in self.list_files():
+            if name.endswith(".safetensors") or name == SAFE_INDEX:
+                st = self._resolve(name).stat()
+                files[name] = [st.st_size, st.st_mtime_ns]
+        return {"label": self.label, "path": str(self.root), "files": files}
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
+def is_hub_reference(text: str) -> bool:
+    """Whether `text` names a Hub repo (`org/name`, `org/name@rev`, `hf://...`) rather than a local path."""
+    if text.startswith("hf://"):
+        return True
+    if os.path.exists(text) or text.startswith((".", "/", "~")):
+        return False
+    repo = text.split("@", 1)[0]
+    return repo.count("/") == 1 and all(part for part in repo.split("/"))
+
+
+def open_source(text: str, *, token: str | bool | None = None) -> IngredientSource:
+    """Open what a user typed: a local folder or file, or a Hub repo id (optionally `@revision`).
+
+    Raises:
+        SourceNotFoundError: a local path that does not exist (and does not look like a repo id).
+    """
+    if is_hub_reference(text):
+        from .hub import HubSource
+
+        return HubSource.from_reference(text, token=token)
+    return LocalSource(text)
