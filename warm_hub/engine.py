@@ -44,7 +44,7 @@ PIPELINE_DEPTH = 3  # one chunk being read, one averaged, one written
 MAX_CHUNK_ELEMENTS = 8 * 1024 * 1024
 MIN_CHUNK_ELEMENTS = 4096
 CHUNK_ALIGNMENT = 1024  # elements; keeps every chunk's start 16-byte aligned for vector loads
-_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _END = object()
 
 
@@ -122,9 +122,14 @@ class ShardWriter:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
                 self.fds.append(fd)
                 if create:
-                    os.ftruncate(fd, shard.size)
+                    try:
+                        os.ftruncate(fd, shard.size)
+                    except OSError as exc:
+                        if exc.errno in DISK_FULL_ERRNOS:
+                            raise disk_full(exc, f"{path.name} ({format_size(shard.size)})") from None
+                        raise
                     _reserve(fd, shard.size, path)
-                    self.pwrite(fd, memoryview(shard.header), 0, path)
+                    self.pwrite(fd, memoryview(shard.header), 0, path.name)
         except BaseException:
             self.close()
             raise
@@ -135,8 +140,8 @@ class ShardWriter:
             while done < len(data):
                 done += os.pwrite(fd, data[done:], offset + done)
         except OSError as exc:
-            if exc.errno in _DISK_FULL:
-                raise DiskFullError(f"no space left writing {path} ({os.strerror(exc.errno)})") from None
+            if exc.errno in DISK_FULL_ERRNOS:
+                raise disk_full(exc, path) from None
             raise
 
     def pread(self, fd: int, data: memoryview, offset: int) -> None:
@@ -157,6 +162,11 @@ class ShardWriter:
         self.fds = []
 
 
+def disk_full(exc: OSError, what: object) -> DiskFullError:
+    """The error for a write that failed for lack of space (or a file size limit)."""
+    return DiskFullError(f"not enough disk space to write {what} ({os.strerror(exc.errno)}); free space and rerun")
+
+
 def _reserve(fd: int, size: int, path: Path) -> None:
     """Reserve the whole shard on disk now, so a full disk fails before any work (where the fs supports it)."""
     if size == 0 or not hasattr(os, "posix_fallocate"):
@@ -164,10 +174,8 @@ def _reserve(fd: int, size: int, path: Path) -> None:
     try:
         os.posix_fallocate(fd, 0, size)
     except OSError as exc:
-        if exc.errno in _DISK_FULL:
-            raise DiskFullError(
-                f"not enough disk space for {path.name} ({format_size(size)}): {os.strerror(exc.errno)}"
-            ) from None
+        if exc.errno in DISK_FULL_ERRNOS:
+            raise disk_full(exc, f"{path.name} ({format_size(size)})") from None
         if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
             raise
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from . import __version__
 from .checkpoint import read_checkpoint
 from .configs import CONFIG_NAME, config_differences, config_problems, load_config
-from .engine import MergeEngine, ShardWriter, chunk_elements
+from .engine import DISK_FULL_ERRNOS, MergeEngine, ShardWriter, chunk_elements, disk_full
 from .errors import (
     CheckpointFormatError,
     DiskFullError,
@@ -196,7 +196,12 @@ def merge(
             resumed = len(journal.done())
             digests = _run_engine(plan, opened, partial, journal, torch_device, allow_non_finite, tqdm_class)
             journal.close()
-            _write_side_files(plan, opened, configs, partial, digests, dtype)
+            try:
+                _write_side_files(plan, opened, configs, partial, digests, dtype)
+            except OSError as exc:
+                if exc.errno in DISK_FULL_ERRNOS:
+                    raise disk_full(exc, partial) from None
+                raise
             _publish(partial, out)
         except _FINAL_ERRORS:
             shutil.rmtree(partial, ignore_errors=True)

@@ -70,9 +70,23 @@ def _one_line(exc: BaseException) -> str:
     return first if len(first) <= 2000 else first[:2000] + "..."
 
 
+def _log_to_stderr() -> None:
+    """Library warnings and notes (`warm_hub.*` loggers) reach the user as plain lines on stderr."""
+    import logging
+
+    logger = logging.getLogger("warm_hub")
+    if not any(getattr(h, "_warm_hub", False) for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        handler._warm_hub = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `warm-hub` console script."""
     debug = os.environ.get("WARM_HUB_DEBUG", "") not in ("", "0")
+    _log_to_stderr()
     try:
         cli.main(args=argv, prog_name="warm-hub", standalone_mode=False)
     except click.exceptions.Abort:

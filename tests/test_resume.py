@@ -1,0 +1,86 @@
+"""`--resume`: a merge killed with SIGKILL completes to the same bytes as a clean run, reusing finished chunks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import warm_hub
+from warm_hub.errors import ResumeMismatchError
+from warm_hub.journal import JOURNAL_NAME, ResumeJournal
+from warm_hub.testing.checkpoints import make_members
+
+# Runs a merge whose progress callback sleeps, so the test can kill it part-way through.
+SLOW_MERGE = """
+import sys, time
+import warm_hub
+
+class SlowBar:
+    def __init__(self, **kwargs): pass
+    def __enter__(self): return self
+    def __exit__(self, *exc): pass
+    def update(self, n): time.sleep(0.05)
+
+warm_hub.merge(sys.argv[1:-1], sys.argv[-1], max_memory="300KB", tqdm_class=SlowBar)
+"""
+
+
+def journal_lines(out: Path) -> int:
+    journal = Path(str(out) + ".warm-hub-partial") / JOURNAL_NAME
+    return journal.read_text().count("\n") - 1 if journal.exists() else 0
+
+
+def test_kill_then_resume_gives_the_same_bytes(tmp_path, python):
+    members = make_members(tmp_path, count=3, dtype=torch.bfloat16, shard_sizes=[None, "20KB", None])
+    clean = warm_hub.merge(members, tmp_path / "clean", max_memory="300KB", shard_size="25KB")
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [python, "-c", SLOW_MERGE.replace('"300KB"', '"300KB", shard_size="25KB"'), *map(str, members), str(out)]
+    )
+    deadline = time.monotonic() + 60
+    while journal_lines(out) < 4 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    done_before = journal_lines(out)
+    assert done_before >= 4 and not out.exists()
+
+    resumed = warm_hub.merge(members, out, max_memory="300KB", shard_size="25KB", resume=True)
+    assert resumed.resumed_chunks >= done_before
+    assert resumed.shards == clean.shards
+    for file in clean.out.iterdir():
+        if file.name != "README.md":
+            assert (out / file.name).read_bytes() == file.read_bytes(), file.name
+    assert not Path(str(out) + ".warm-hub-partial").exists()
+
+
+def test_resume_of_other_inputs_is_refused(tmp_path):
+    members = make_members(tmp_path, count=3)
+    partial = tmp_path / "out.warm-hub-partial"
+    partial.mkdir()
+    (partial / JOURNAL_NAME).write_text('{"fingerprint": "something else", "chunk": 4096}\n1\n')
+    with pytest.raises(ResumeMismatchError, match="without --resume"):
+        warm_hub.merge(members, tmp_path / "out", resume=True)
+    # Without --resume a stale partial folder is simply replaced.
+    assert warm_hub.merge(members, tmp_path / "out").out.is_dir()
+
+
+def test_resume_without_a_partial_is_a_fresh_merge(tmp_path):
+    members = make_members(tmp_path, count=2)
+    result = warm_hub.merge(members, tmp_path / "out", resume=True)
+    assert result.resumed_chunks == 0 and (result.out / "model.safetensors").is_file()
+
+
+def test_a_journal_line_cut_by_a_crash_is_ignored(tmp_path):
+    (tmp_path / JOURNAL_NAME).write_text('{"fingerprint": "f", "chunk": 4096}\n3\n5\n1')
+    journal = ResumeJournal.load(tmp_path, fingerprint="f")
+    assert journal.done() == {3, 5} and journal.chunk == 4096
+    journal.close()
