@@ -91,12 +91,15 @@ def work_items(plan: MergePlan, chunk: int) -> list[WorkItem]:
 
 
 class _Slot:
-    """One set of chunk buffers: an input buffer per ingredient and an output buffer."""
+    """One set of chunk buffers: an input buffer per ingredient that cannot be memory-mapped, and an output."""
 
-    def __init__(self, plan: MergePlan, chunk: int, pin: bool) -> None:
+    def __init__(self, plan: MergePlan, chunk: int, pin: bool, mapped: list[bool]) -> None:
         widest_in = [max(itemsize(t.inputs[i].dtype) for t in plan.tensors) for i in range(len(plan.labels))]
         widest_out = max(itemsize(t.dtype) for t in plan.tensors)
-        self.inputs = [torch.empty(chunk * w, dtype=torch.uint8, pin_memory=pin) for w in widest_in]
+        self.inputs = [
+            None if is_mapped else torch.empty(chunk * w, dtype=torch.uint8, pin_memory=pin)
+            for w, is_mapped in zip(widest_in, mapped, strict=True)
+        ]
         self.output = torch.empty(chunk * widest_out, dtype=torch.uint8, pin_memory=pin)
 
 
@@ -151,10 +154,6 @@ class ShardWriter:
             if n == 0:
                 raise OSError(errno.EIO, "partial output is shorter than planned; rerun without --resume")
             done += n
-
-    def sync(self) -> None:
-        for fd in self.fds:
-            os.fsync(fd)
 
     def close(self) -> None:
         for fd in self.fds:
@@ -221,8 +220,9 @@ class MergeEngine:
         writer = ShardWriter(self.plan, self.folder, create=False)
         slots: queue.Queue[_Slot] = queue.Queue()
         pin = self.device.type == "cuda"
+        mapped = [self._mappable(i) for i in range(len(self.sources))]
         for _ in range(PIPELINE_DEPTH):
-            slots.put(_Slot(self.plan, self.chunk, pin))
+            slots.put(_Slot(self.plan, self.chunk, pin, mapped))
         ready: queue.Queue = queue.Queue()
         finished: queue.Queue = queue.Queue()
         digests: dict[str, str] = {}
@@ -238,12 +238,16 @@ class MergeEngine:
             finished.put(_END)
             for thread in threads:
                 thread.join()
-            if not self._errors:
-                writer.sync()
+            # No fsync: like save_pretrained, durability is left to the OS; a crashed process loses nothing
+            # (its writes are in the page cache) and the journal lets --resume finish the rest.
             writer.close()
         if self._errors:
             raise self._errors[0]
         return digests
+
+    def _mappable(self, index: int) -> bool:
+        info = self.plan.tensors[0].inputs[index]
+        return self.sources[index].map_view(info.file, info.start, min(info.nbytes, 1)) is not None
 
     def _guard(self, target: Callable[..., None], *args: object) -> None:
         try:
@@ -266,16 +270,22 @@ class MergeEngine:
                 if self._stop.is_set():
                     return
                 if item.index in done:
-                    ready.put((item, None))
+                    ready.put((item, None, None))
                     continue
                 slot = self._take(slots)
                 if slot is _END:
                     return
+                inputs = []
                 for source, info, buffer in zip(self.sources, item.tensor.inputs, slot.inputs, strict=True):
                     size = itemsize(info.dtype)
-                    view = _memoryview(buffer, item.count * size)
-                    source.read_into(info.file, info.start + item.start * size, view)
-                ready.put((item, slot))
+                    offset, nbytes = info.start + item.start * size, item.count * size
+                    mapped = source.map_view(info.file, offset, nbytes)
+                    if mapped is not None:
+                        inputs.append(torch.frombuffer(mapped, dtype=torch.uint8))
+                    else:
+                        source.read_into(info.file, offset, _memoryview(buffer, nbytes))
+                        inputs.append(buffer[:nbytes])
+                ready.put((item, slot, inputs))
         finally:
             ready.put(_END)
 
@@ -284,18 +294,25 @@ class MergeEngine:
             message = ready.get()
             if message is _END or self._stop.is_set():
                 return
-            item, slot = message
+            item, slot, inputs = message
             if slot is not None:
-                self._compute(item, slot)
+                self._compute(item, slot, inputs)
+                del inputs
+                self._release(item)
             finished.put((item, slot))
 
-    def _compute(self, item: WorkItem, slot: _Slot) -> None:
+    def _release(self, item: WorkItem) -> None:
+        for source, info in zip(self.sources, item.tensor.inputs, strict=True):
+            size = itemsize(info.dtype)
+            source.release(info.file, info.start + item.start * size, item.count * size)
+
+    def _compute(self, item: WorkItem, slot: _Slot, raw: list[torch.Tensor]) -> None:
         tensor = item.tensor
-        inputs = [_view(buf, info.dtype, item.count) for buf, info in zip(slot.inputs, tensor.inputs, strict=True)]
+        inputs = [x.view(torch_dtype(info.dtype)) for x, info in zip(raw, tensor.inputs, strict=True)]
         out = _view(slot.output, tensor.dtype, item.count)
         if not tensor.average:
-            for label, other in zip(self.plan.labels[1:], inputs[1:], strict=True):
-                if not torch.equal(other.view(torch.uint8), inputs[0].view(torch.uint8)):
+            for label, other in zip(self.plan.labels[1:], raw[1:], strict=True):
+                if not torch.equal(other, raw[0]):
                     raise IncompatibleCheckpointsError(
                         f"cannot merge: non-float tensor {tensor.name!r} differs between {self.plan.labels[0]}"
                         f" and {label} (it is copied, not averaged, so all ingredients must agree)"

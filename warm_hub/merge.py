@@ -290,7 +290,6 @@ def _write_side_files(
 
 def _publish(partial: Path, out: Path) -> None:
     """Move the finished folder into place; an existing output (allowed by --overwrite) goes only once it has."""
-    _fsync_folder(partial)
     if out.exists():
         trash = out.parent / (out.name + ".warm-hub-old")
         if trash.exists():
@@ -300,16 +299,6 @@ def _publish(partial: Path, out: Path) -> None:
         shutil.rmtree(trash)
     else:
         os.rename(partial, out)
-    _fsync_folder(out.parent)
-
-
-def _fsync_folder(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 __all__ = ["MergeResult", "merge", "WarmHubError"]

@@ -1,0 +1,241 @@
+"""Benchmark the streaming merge against a plain read of its inputs and a naive load-everything torch script.
+
+Builds N random checkpoints with a Llama-like tensor list, then, with a warm page cache, times (each in a fresh
+process, peak RSS from the OS): one plain read of every input, `warm-hub merge`, a naive torch average, and a
+process that only imports torch and warm_hub (start-up, subtracted from the others). Then shows the peak RSS of
+a merge whose largest tensor is bigger than `--max-memory`.
+
+    python benchmarks/bench_merge.py                      # 4 x 126M params bf16, CPU
+    python benchmarks/bench_merge.py --device cuda        # also the GPU path (on a CUDA machine)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from warm_hub.safetensors_io import build_header, dtype_code
+
+PLAIN_READ = """
+import sys
+buf = bytearray(64 << 20)
+view = memoryview(buf)
+for path in sys.argv[1:]:
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(view):
+            pass
+"""
+
+NAIVE = """
+import sys, torch
+from safetensors.torch import load_file, save_file
+paths, out = sys.argv[1:-1], sys.argv[-1]
+states = [load_file(p) for p in paths]
+avg = {}
+for name, first in states[0].items():
+    acc = sum(s[name].float() for s in states) / len(states)
+    avg[name] = acc.to(first.dtype)
+save_file(avg, out, metadata={"format": "pt"})
+"""
+
+STARTUP = "import torch, warm_hub.merge, warm_hub.cli.merge"
+NAIVE_STARTUP = "import torch, safetensors.torch"
+
+MERGE = """
+import sys, warm_hub
+from warm_hub.cli import main
+main(sys.argv[1:])
+"""
+
+
+def llama_like_shapes(params: float, vocab: int, hidden: int | None = None) -> list[tuple[str, tuple[int, ...]]]:
+    """Tensor names and shapes of a Llama-style reward model of about `params` parameters."""
+    for hidden in [hidden] if hidden else range(256, 8192, 64):
+        layers = max(2, round(hidden / 64))
+        inter = hidden * 8 // 3 // 64 * 64
+        per_layer = 4 * hidden * hidden + 3 * hidden * inter + 2 * hidden
+        total = vocab * hidden + layers * per_layer + hidden + hidden
+        if total >= params:
+            break
+    layers = max(2, min(layers, round((params - vocab * hidden) / per_layer)))
+    shapes = [("model.embed_tokens.weight", (vocab, hidden))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes += [(p + f"self_attn.{n}_proj.weight", (hidden, hidden)) for n in "qkvo"]
+        shapes += [(p + "mlp.gate_proj.weight", (inter, hidden)), (p + "mlp.up_proj.weight", (inter, hidden))]
+        shapes += [(p + "mlp.down_proj.weight", (hidden, inter))]
+        shapes += [(p + "input_layernorm.weight", (hidden,)), (p + "post_attention_layernorm.weight", (hidden,))]
+    shapes += [("model.norm.weight", (hidden,)), ("score.weight", (1, hidden))]
+    return shapes
+
+
+def write_checkpoint(folder: Path, shapes, dtype: torch.dtype, seed: int) -> Path:
+    """A random checkpoint written chunk by chunk (never a whole tensor of random data in memory at once)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    code = dtype_code(dtype)
+    header = build_header([(n, code, s) for n, s in shapes], metadata={"format": "pt"})
+    generator = torch.Generator().manual_seed(seed)
+    with open(folder / "model.safetensors", "wb") as f:
+        f.write(header)
+        for _, shape in shapes:
+            numel = 1
+            for d in shape:
+                numel *= d
+            for start in range(0, numel, 1 << 24):
+                count = min(1 << 24, numel - start)
+                values = (torch.randn(count, generator=generator) * 0.02).to(dtype)
+                f.write(memoryview(values.view(torch.uint8).numpy()))
+    config = {"architectures": ["LlamaForSequenceClassification"], "model_type": "llama", "num_labels": 1}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def timed(args: list[str], env: dict | None = None) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes, from the OS) of one child process."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.perf_counter() - started
+    if status != 0:
+        raise SystemExit(f"failed: {' '.join(args)}\n{proc.stderr.read().decode()}")
+    return elapsed, usage.ru_maxrss * 1024
+
+
+def best_of(runs: int, args: list[str], cleanup: Path | None = None, env: dict | None = None) -> tuple[float, int]:
+    best = (float("inf"), 0)
+    for _ in range(runs):
+        if cleanup is not None and cleanup.exists():
+            shutil.rmtree(cleanup) if cleanup.is_dir() else cleanup.unlink()
+        result = timed(args, env)
+        best = min(best, result)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--members", type=int, default=4)
+    parser.add_argument("--params", type=float, default=126e6, help="parameters per checkpoint")
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--max-memory", default="512MB")
+    parser.add_argument("--runs", type=int, default=3, help="best of this many runs per measurement")
+    parser.add_argument("--rss-vocab", type=int, default=200_000, help="vocab of the large-embedding RSS check")
+    parser.add_argument("--rss-hidden", type=int, default=1024, help="hidden size of the RSS check")
+    parser.add_argument("--rss-max-memory", default="256MB")
+    parser.add_argument("--skip-rss", action="store_true")
+    parser.add_argument("--workdir", type=Path, default=None, help="where to build checkpoints (default: a temp dir)")
+    parser.add_argument("--json", type=Path, help="also write the figures as JSON")
+    args = parser.parse_args()
+
+    dtype = getattr(torch, args.dtype)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="warm-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, HF_HUB_DISABLE_PROGRESS_BARS="1")
+    py = sys.executable
+    try:
+        shapes = llama_like_shapes(args.params, args.vocab)
+        params = sum(torch.Size(s).numel() for _, s in shapes)
+        members = [write_checkpoint(work / f"m{i}", shapes, dtype, seed=i) for i in range(args.members)]
+        files = [str(m / "model.safetensors") for m in members]
+        input_bytes = sum(os.path.getsize(f) for f in files)
+        out = work / "out"
+        # Warm the page cache (the files were just written, but make sure).
+        timed([py, "-c", PLAIN_READ, *files])
+
+        startup, startup_rss = best_of(args.runs, [py, "-c", STARTUP], env=env)
+        read, _ = best_of(args.runs, [py, "-c", PLAIN_READ, *files], env=env)
+        merge_args = [
+            py,
+            "-c",
+            MERGE,
+            "merge",
+            *map(str, members),
+            "--out",
+            str(out),
+            "--overwrite",
+            "--device",
+            args.device,
+            "--max-memory",
+            args.max_memory,
+        ]
+        merge, merge_rss = best_of(args.runs, merge_args, cleanup=out, env=env)
+        naive, naive_rss = best_of(
+            max(1, args.runs - 1), [py, "-c", NAIVE, *files, str(work / "naive.safetensors")], env=env
+        )
+        python_startup, _ = best_of(args.runs, [py, "-c", "pass"], env=env)
+        naive_startup, _ = best_of(args.runs, [py, "-c", NAIVE_STARTUP], env=env)
+        read_net = read - python_startup
+        merge_net = merge - startup
+        naive_net = naive - naive_startup
+        rows = {
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU"
+            if args.device == "cpu"
+            else torch.cuda.get_device_name(0),
+            "date": date.today().isoformat(),
+            "members": args.members,
+            "params_per_member": params,
+            "dtype": args.dtype,
+            "input_bytes": input_bytes,
+            "startup_s": startup,
+            "naive_startup_s": naive_startup,
+            "plain_read_s": read_net,
+            "merge_s": merge_net,
+            "naive_torch_s": naive_net,
+            "merge_over_read": merge_net / read_net,
+            "naive_over_merge": naive_net / merge_net,
+            "merge_GBps_input": input_bytes / merge_net / 1e9,
+            "import_baseline_rss_MB": startup_rss / 1e6,
+            "merge_peak_rss_MB": merge_rss / 1e6,
+            "naive_peak_rss_MB": naive_rss / 1e6,
+        }
+        if not args.skip_rss:
+            big = llama_like_shapes(args.params, args.rss_vocab, hidden=args.rss_hidden)
+            largest = max(torch.Size(s).numel() for _, s in big) * torch.finfo(dtype).bits // 8
+            rss_members = [write_checkpoint(work / f"big{i}", big, dtype, seed=10 + i) for i in range(2)]
+            rss_args = [
+                py,
+                "-c",
+                MERGE,
+                "merge",
+                *map(str, rss_members),
+                "--out",
+                str(work / "big-out"),
+                "--overwrite",
+                "--max-memory",
+                args.rss_max_memory,
+            ]
+            _, rss = timed(rss_args, env)
+            from warm_hub.sizes import parse_size
+
+            budget = parse_size(args.rss_max_memory)
+            rows |= {
+                "rss_check_largest_tensor_MB": largest / 1e6,
+                "rss_check_max_memory_MB": budget / 1e6,
+                "rss_check_peak_rss_MB": rss / 1e6,
+                "rss_check_over_baseline_plus_budget_MB": (rss - startup_rss - budget) / 1e6,
+            }
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+    print("| figure | value |\n|---|---|")
+    for key, value in rows.items():
+        print(f"| {key} | {value:.3f} |" if isinstance(value, float) else f"| {key} | {value} |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
