@@ -59,9 +59,9 @@ main(sys.argv[1:])
 """
 
 
-def llama_like_shapes(params: float, vocab: int, hidden: int | None = None) -> list[tuple[str, tuple[int, ...]]]:
+def llama_like_shapes(params: float, vocab: int, width: int | None = None) -> list[tuple[str, tuple[int, ...]]]:
     """Tensor names and shapes of a Llama-style reward model of about `params` parameters."""
-    for hidden in [hidden] if hidden else range(256, 8192, 64):
+    for hidden in [width] if width else range(256, 8192, 64):
         layers = max(2, round(hidden / 64))
         inter = hidden * 8 // 3 // 64 * 64
         per_layer = 4 * hidden * hidden + 3 * hidden * inter + 2 * hidden
@@ -201,7 +201,7 @@ def main() -> None:
             "naive_peak_rss_MB": naive_rss / 1e6,
         }
         if not args.skip_rss:
-            big = llama_like_shapes(args.params, args.rss_vocab, hidden=args.rss_hidden)
+            big = llama_like_shapes(args.params, args.rss_vocab, width=args.rss_hidden)
             largest = max(torch.Size(s).numel() for _, s in big) * torch.finfo(dtype).bits // 8
             rss_members = [write_checkpoint(work / f"big{i}", big, dtype, seed=10 + i) for i in range(2)]
             rss_args = [
