@@ -63,6 +63,8 @@ def test_round_trip_matches_safetensors_library(tmp_path):
         (lambda h: h | {"a": {"dtype": "F32", "shape": [2]}}, "exactly the keys"),
         (lambda h: h | {"__metadata__": {"format": 1}}, "__metadata__"),
         (lambda h: [1, 2], "not a JSON object"),
+        (lambda h: h | {"a": {"dtype": "F32", "shape": [2**40] * 3, "data_offsets": [0, 8]}}, "impossibly large"),
+        (lambda h: h | {"a": {"dtype": "F32", "shape": [2**64], "data_offsets": [0, 8]}}, "invalid shape"),
     ],
 )
 def test_malformed_headers_are_rejected(mutate, message):

@@ -14,6 +14,8 @@ from .errors import CheckpointFormatError
 
 # The safetensors format itself caps headers at 100 MB; a real one is a few hundred KB.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+# Sizes and offsets are u64 in the format; anything larger is a lie (and a product of huge ints could hang).
+MAX_COUNT = 2**63 - 1
 HEADER_ALIGNMENT = 8
 
 # safetensors dtype code -> (torch dtype name, bytes per element, is floating point)
@@ -177,7 +179,12 @@ def _parse_entry(name: str, entry: object, *, file: str, data_start: int) -> Ten
     ):
         raise CheckpointFormatError(f"{where} has invalid data_offsets (two ordered non-negative integers expected)")
     begin, end = offsets
-    expected = math.prod(shape) * itemsize(code)
+    numel = 1
+    for dim in shape:
+        numel *= dim
+        if numel > MAX_COUNT:
+            raise CheckpointFormatError(f"{where} has an impossibly large shape")
+    expected = numel * itemsize(code)
     if end - begin != expected:
         raise CheckpointFormatError(
             f"{where}: data_offsets span {end - begin} bytes but shape {shape} of {code} needs {expected}"
@@ -187,7 +194,7 @@ def _parse_entry(name: str, entry: object, *, file: str, data_start: int) -> Ten
 
 def _is_count(value: object) -> bool:
     # bool is an int in Python; a header with `true` as a dimension is malformed.
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_COUNT
 
 
 def build_header(entries: list[tuple[str, str, tuple[int, ...]]], *, metadata: dict[str, str] | None = None) -> bytes:
