@@ -13,6 +13,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,12 +65,9 @@ def chunk_elements(plan: MergePlan, max_memory: int) -> int:
     Raises:
         InvalidOptionError: the budget cannot hold even the smallest useful chunk.
     """
-    per_element = 0
-    for i in range(len(plan.labels)):
-        per_element += max(itemsize(t.inputs[i].dtype) for t in plan.tensors)
-    per_element += max(itemsize(t.dtype) for t in plan.tensors)
+    per_element = sum(widest_inputs(plan)) + widest_output(plan)
     # The writer needs one more output-sized buffer to re-read finished chunks on --resume.
-    per_element = per_element * PIPELINE_DEPTH + max(itemsize(t.dtype) for t in plan.tensors)
+    per_element = per_element * PIPELINE_DEPTH + widest_output(plan)
     elements = min(max_memory // per_element, MAX_CHUNK_ELEMENTS)
     elements -= elements % CHUNK_ALIGNMENT
     if elements < MIN_CHUNK_ELEMENTS:
@@ -93,14 +91,25 @@ def work_items(plan: MergePlan, chunk: int) -> list[WorkItem]:
 class _Slot:
     """One set of chunk buffers: an input buffer per ingredient that cannot be memory-mapped, and an output."""
 
-    def __init__(self, plan: MergePlan, chunk: int, pin: bool, mapped: list[bool]) -> None:
-        widest_in = [max(itemsize(t.inputs[i].dtype) for t in plan.tensors) for i in range(len(plan.labels))]
-        widest_out = max(itemsize(t.dtype) for t in plan.tensors)
+    def __init__(self, key: int, plan: MergePlan, chunk: int, pin: bool, mapped: list[bool]) -> None:
+        self.key = key
         self.inputs = [
             None if is_mapped else torch.empty(chunk * w, dtype=torch.uint8, pin_memory=pin)
-            for w, is_mapped in zip(widest_in, mapped, strict=True)
+            for w, is_mapped in zip(widest_inputs(plan), mapped, strict=True)
         ]
-        self.output = torch.empty(chunk * widest_out, dtype=torch.uint8, pin_memory=pin)
+        self.output = torch.empty(chunk * widest_output(plan), dtype=torch.uint8, pin_memory=pin)
+        # Set by the CUDA stage: when the output is ready, and whether it is all finite.
+        self.ready_event = None
+        self.finite = torch.ones((), dtype=torch.bool, pin_memory=pin)
+
+
+def widest_inputs(plan: MergePlan) -> list[int]:
+    """Bytes per element of the widest dtype of each ingredient."""
+    return [max(itemsize(t.inputs[i].dtype) for t in plan.tensors) for i in range(len(plan.labels))]
+
+
+def widest_output(plan: MergePlan) -> int:
+    return max(itemsize(t.dtype) for t in plan.tensors)
 
 
 def _view(buffer: torch.Tensor, code: str, count: int) -> torch.Tensor:
@@ -209,6 +218,16 @@ class MergeEngine:
         self.chunk, self.device, self.allow_non_finite = chunk, device, allow_non_finite
         self.on_progress = on_progress or (lambda n: None)
         self.weights = [float(w) for w in plan.weights]
+        self._cuda = None
+        if device.type == "cuda":
+            from .cuda_pipeline import CudaAverager
+
+            self._cuda = CudaAverager(
+                device, widest_inputs=widest_inputs(plan), widest_output=widest_output(plan), chunk=chunk
+            )
+        # Reads of the N ingredients of a chunk run in parallel where they copy (pread into pinned memory for
+        # the GPU, HTTP ranges for Hub sources); pread and sockets release the GIL.
+        self._readers = ThreadPoolExecutor(max_workers=max(1, min(len(sources), 8)), thread_name_prefix="warm-read")
         self._stop = threading.Event()
         self._errors: list[BaseException] = []
         self._warned: set[str] = set()
@@ -219,10 +238,11 @@ class MergeEngine:
         items = work_items(self.plan, self.chunk)
         writer = ShardWriter(self.plan, self.folder, create=False)
         slots: queue.Queue[_Slot] = queue.Queue()
-        pin = self.device.type == "cuda"
-        mapped = [self._mappable(i) for i in range(len(self.sources))]
-        for _ in range(PIPELINE_DEPTH):
-            slots.put(_Slot(self.plan, self.chunk, pin, mapped))
+        pin = self._cuda is not None
+        # The GPU needs the bytes in pinned memory anyway, so mapping would only add a copy there.
+        mapped = [not pin and self._mappable(i) for i in range(len(self.sources))]
+        for key in range(PIPELINE_DEPTH):
+            slots.put(_Slot(key, self.plan, self.chunk, pin, mapped))
         ready: queue.Queue = queue.Queue()
         finished: queue.Queue = queue.Queue()
         digests: dict[str, str] = {}
@@ -238,6 +258,7 @@ class MergeEngine:
             finished.put(_END)
             for thread in threads:
                 thread.join()
+            self._readers.shutdown(wait=True)
             # No fsync: like save_pretrained, durability is left to the OS; a crashed process loses nothing
             # (its writes are in the page cache) and the journal lets --resume finish the rest.
             writer.close()
@@ -275,16 +296,24 @@ class MergeEngine:
                 slot = self._take(slots)
                 if slot is _END:
                     return
-                inputs = []
-                for source, info, buffer in zip(self.sources, item.tensor.inputs, slot.inputs, strict=True):
+                inputs: list[torch.Tensor | None] = [None] * len(self.sources)
+                copies = []
+                for i, (source, info, buffer) in enumerate(
+                    zip(self.sources, item.tensor.inputs, slot.inputs, strict=True)
+                ):
                     size = itemsize(info.dtype)
                     offset, nbytes = info.start + item.start * size, item.count * size
-                    mapped = source.map_view(info.file, offset, nbytes)
-                    if mapped is not None:
-                        inputs.append(torch.frombuffer(mapped, dtype=torch.uint8))
+                    if buffer is None:
+                        inputs[i] = torch.frombuffer(source.map_view(info.file, offset, nbytes), dtype=torch.uint8)
                     else:
-                        source.read_into(info.file, offset, _memoryview(buffer, nbytes))
-                        inputs.append(buffer[:nbytes])
+                        inputs[i] = buffer[:nbytes]
+                        copies.append((source, info.file, offset, _memoryview(buffer, nbytes)))
+                if len(copies) > 1:
+                    for future in [self._readers.submit(src.read_into, *args) for src, *args in copies]:
+                        future.result()
+                elif copies:
+                    source, *args = copies[0]
+                    source.read_into(*args)
                 ready.put((item, slot, inputs))
         finally:
             ready.put(_END)
@@ -298,7 +327,8 @@ class MergeEngine:
             if slot is not None:
                 self._compute(item, slot, inputs)
                 del inputs
-                self._release(item)
+                if slot.inputs.count(None):
+                    self._release(item)
             finished.put((item, slot))
 
     def _release(self, item: WorkItem) -> None:
@@ -319,15 +349,27 @@ class MergeEngine:
                     )
             out.copy_(inputs[0])
             return
-        if self.device.type == "cuda":
-            device_out = torch.empty(item.count, dtype=out.dtype, device=self.device)
-            device_in = [x.to(self.device, non_blocking=True) for x in inputs]
-            finite = weighted_average_into(device_out, device_in, self.weights)
-            out.copy_(device_out)
-        else:
-            finite = weighted_average_into(out, inputs, self.weights)
-        if not finite:
+        if self._cuda is not None:
+            # Asynchronous: the writer waits for the event, then checks the finiteness flag.
+            slot.ready_event = self._cuda.submit(
+                slot.key,
+                raw,
+                [info.dtype for info in tensor.inputs],
+                self.weights,
+                slot.output,
+                slot.finite,
+                count=item.count,
+                out_dtype=tensor.dtype,
+            )
+            return
+        if not weighted_average_into(out, inputs, self.weights):
             self._non_finite(tensor, inputs)
+
+    def _host_inputs(self, item: WorkItem, slot: _Slot) -> list[torch.Tensor]:
+        """The typed inputs of a chunk still held in a slot's host buffers (to say which one is at fault)."""
+        return [
+            _view(buffer, info.dtype, item.count) for buffer, info in zip(slot.inputs, item.tensor.inputs, strict=True)
+        ]
 
     def _non_finite(self, tensor: OutputTensor, inputs: list[torch.Tensor]) -> None:
         culprits = [label for label, x in zip(self.plan.labels, inputs, strict=True) if not torch.isfinite(x).all()]
@@ -365,6 +407,11 @@ class MergeEngine:
                 data = _memoryview(readback, nbytes)
                 writer.pread(fd, data, offset)
             else:
+                if slot.ready_event is not None:
+                    slot.ready_event.synchronize()
+                    slot.ready_event = None
+                    if not bool(slot.finite):
+                        self._non_finite(tensor, self._host_inputs(item, slot))
                 data = _memoryview(slot.output, nbytes)
                 writer.pwrite(fd, data, offset, shards[tensor.shard].filename)
             hashers[tensor.shard].update(data)
