@@ -7,6 +7,11 @@ import sys
 
 import pytest
 
+from warm_hub.testing.hub_server import reserve_endpoint
+
+# huggingface_hub reads HF_ENDPOINT once, at import: point it at the loopback Hub before anything imports it.
+reserve_endpoint()
+
 # Progress bars in test logs are noise; tests that check them set the variable themselves.
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -41,3 +46,17 @@ def run_cli(capfd):
 @pytest.fixture(scope="session")
 def python() -> str:
     return sys.executable
+
+
+from warm_hub.testing.hub_server import _hub_server_session, hub_server  # noqa: E402,F401
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
