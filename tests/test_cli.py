@@ -1,0 +1,56 @@
+"""The command line: lazy start-up, help, version, and the merge path staying free of transformers."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from warm_hub.cli import COMMANDS
+
+
+def test_help_lists_every_command_without_importing_torch(python):
+    code = (
+        "import sys\n"
+        "from warm_hub.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "assert 'torch' not in sys.modules, 'torch imported by --help'\n"
+    )
+    proc = subprocess.run([python, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    for name in COMMANDS:
+        assert name in proc.stdout
+
+
+def test_merge_path_needs_no_transformers(tmp_path, python):
+    from warm_hub.testing.checkpoints import make_members
+
+    members = make_members(tmp_path, count=2)
+    code = (
+        "import sys\n"
+        "import warm_hub\n"
+        f"warm_hub.merge({[str(m) for m in members]!r}, {str(tmp_path / 'out')!r})\n"
+        "heavy = [m for m in ('transformers', 'triton', 'datasets', 'accelerate') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    proc = subprocess.run([python, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_command_has_help(run_cli, name):
+    code, out, err = run_cli(name, "--help")
+    assert code == 0, err
+    assert "Usage: warm-hub " + name in out
+
+
+def test_version(run_cli):
+    import warm_hub
+
+    code, out, _ = run_cli("--version")
+    assert code == 0 and warm_hub.__version__ in out
+
+
+def test_unknown_command_is_a_usage_error(run_cli):
+    code, _, err = run_cli("frobnicate")
+    assert code == 2 and "No such command" in err
