@@ -2,7 +2,7 @@
 
 One entry point, `weighted_average_into`, serves the streaming engine and the in-memory API. CPU tensors go
 through a chunked torch loop whose fp32 accumulator stays in cache; CUDA tensors go to the fused Triton
-kernel in `warm_hub.kernels`.
+kernel in `warm_hub.kernels` (and to the torch loop for the dtypes it does not serve: fp64, fp8).
 """
 
 from __future__ import annotations
@@ -44,21 +44,32 @@ def weighted_average_into(out: torch.Tensor, inputs: Sequence[torch.Tensor], wei
         True when every value of the result is finite; False when an input holds NaN/Inf or the
         average overflows `out`'s dtype (the caller decides what to say).
     """
-    if out.is_cuda:
+    if kernel_supports(out, inputs):
         from warm_hub.kernels import weighted_average
 
         weighted_average(list(inputs), list(weights), out=out)
         return bool(torch.isfinite(out).all())
-    return _cpu_weighted_average(out.view(-1), [x.view(-1) for x in inputs], weights)
+    return torch_weighted_average(out.view(-1), [x.view(-1) for x in inputs], weights)
 
 
-def _cpu_weighted_average(out: torch.Tensor, inputs: list[torch.Tensor], weights: Sequence[float]) -> bool:
+def kernel_supports(out: torch.Tensor, inputs: Sequence[torch.Tensor]) -> bool:
+    """Whether the fused Triton kernel serves these tensors (CUDA; bf16, fp16 or fp32 only)."""
+    if not out.is_cuda:
+        return False
+    from warm_hub.kernels import SUPPORTED_DTYPES
+
+    return out.dtype in SUPPORTED_DTYPES and all(x.dtype in SUPPORTED_DTYPES for x in inputs)
+
+
+def torch_weighted_average(out: torch.Tensor, inputs: list[torch.Tensor], weights: Sequence[float]) -> bool:
+    """The torch implementation (any device, any float dtype): blocks of fp32 accumulation that stay in cache."""
     acc_dtype = accumulator_dtype(out.dtype, *(x.dtype for x in inputs))
     limit = _overflow_limit(out.dtype)
-    scratch = getattr(_scratch, acc_dtype.__repr__(), None)
+    key = f"{out.device}-{acc_dtype}"
+    scratch = getattr(_scratch, key, None)
     if scratch is None:
-        scratch = torch.empty(CPU_BLOCK, dtype=acc_dtype)
-        setattr(_scratch, acc_dtype.__repr__(), scratch)
+        scratch = torch.empty(CPU_BLOCK, dtype=acc_dtype, device=out.device)
+        setattr(_scratch, key, scratch)
     finite = True
     n = out.numel()
     for start in range(0, n, CPU_BLOCK):

@@ -84,6 +84,8 @@ class CudaAverager:
         """
         from warm_hub.kernels import weighted_average
 
+        from .averaging import kernel_supports, torch_weighted_average
+
         buffers = self._for(key)
         with torch.cuda.stream(self.copy_in):
             if buffers.free is not None:
@@ -100,7 +102,10 @@ class CudaAverager:
         with torch.cuda.stream(self.compute):
             self.compute.wait_event(copied)
             out = buffers.output[:out_bytes].view(torch_dtype(out_dtype))
-            weighted_average(typed, weights, out=out)
+            if kernel_supports(out, typed):
+                weighted_average(typed, weights, out=out)
+            else:
+                torch_weighted_average(out, typed, weights)
             torch.all(torch.isfinite(out), out=buffers.finite)
             computed = torch.cuda.Event()
             computed.record(self.compute)
