@@ -1,0 +1,110 @@
+"""A synthetic review task with known ground truth, generated deterministically from `reviews_lexicon.json`.
+
+A response's true reward is (positive words) - (negative words). Restaurant reviews are the training
+distribution; hotel reviews (other subjects, aspects, phrasing, longer) are the shifted test.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from functools import cache
+from importlib import resources
+
+LEXICON = "reviews_lexicon.json"
+IN_DISTRIBUTION = "restaurant"
+SHIFTED = "hotel"
+# Sentiment mix of a response: independent draws for preference pairs; mood-coherent for the pretraining text,
+# so that a language model trained on it learns which words go together.
+PAIR_MIX = {"positive": 0.35, "negative": 0.35, "neutral": 0.30}
+MOODS = (
+    {"positive": 0.7, "negative": 0.1, "neutral": 0.2},
+    {"positive": 0.1, "negative": 0.7, "neutral": 0.2},
+    PAIR_MIX,
+)
+
+
+@cache
+def load_lexicon() -> dict:
+    """The shipped word lists and templates."""
+    return json.loads(resources.files("warm_hub.data").joinpath(LEXICON).read_text(encoding="utf-8"))
+
+
+def true_reward(text: str) -> int:
+    """The ground truth: positive minus negative words in `text` (whitespace tokens)."""
+    lexicon = load_lexicon()
+    positive, negative = set(lexicon["positive"]), set(lexicon["negative"])
+    words = text.split()
+    return sum(w in positive for w in words) - sum(w in negative for w in words)
+
+
+def sample_prompt(rng: random.Random, domain: str) -> str:
+    spec = load_lexicon()["domains"][domain]
+    return rng.choice(spec["prompts"]).format(subject=rng.choice(spec["subjects"]))
+
+
+def sample_response(rng: random.Random, domain: str, *, mix: dict[str, float] = PAIR_MIX) -> tuple[str, int]:
+    """One review of `domain`: clauses of (aspect, sentiment word), joined; returns (text, true reward)."""
+    lexicon = load_lexicon()
+    spec = lexicon["domains"][domain]
+    low, high = spec["clauses_per_response"]
+    kinds = list(mix)
+    parts, reward = [], 0
+    for i in range(rng.randint(low, high)):
+        kind = rng.choices(kinds, weights=[mix[k] for k in kinds])[0]
+        reward += {"positive": 1, "negative": -1}.get(kind, 0)
+        clause = rng.choice(spec["clauses"]).format(aspect=rng.choice(spec["aspects"]), word=rng.choice(lexicon[kind]))
+        parts.append(clause if i == 0 else f"{rng.choice(spec['joiners'])} {clause}")
+    return " ".join(parts) + " .", reward
+
+
+def preference_pairs(n: int, *, domain: str = IN_DISTRIBUTION, seed: int = 0) -> list[dict]:
+    """`n` pairs in TRL's format with clean labels: the chosen response has the higher true reward.
+
+    Each row also carries `chosen_reward` and `rejected_reward` (the ground truth).
+    """
+    if domain not in load_lexicon()["domains"]:
+        raise ValueError(f"unknown domain {domain!r} (choose from {sorted(load_lexicon()['domains'])})")
+    rng = random.Random(f"pairs/{domain}/{seed}")
+    rows = []
+    while len(rows) < n:
+        prompt = sample_prompt(rng, domain)
+        first, first_reward = sample_response(rng, domain)
+        second, second_reward = sample_response(rng, domain)
+        if first_reward == second_reward:
+            continue
+        if first_reward < second_reward:
+            first, first_reward, second, second_reward = second, second_reward, first, first_reward
+        rows.append(
+            {"prompt": prompt, "chosen": first, "rejected": second, "chosen_reward": first_reward,
+             "rejected_reward": second_reward}
+        )
+    return rows
+
+
+def star_rating(reward: int) -> str:
+    """The coarse rating a review site would show: 3 stars at 0, one more or less per 2 points, 1 to 5."""
+    ratings = load_lexicon()["ratings"]
+    step = min(2, (abs(reward) + 1) // 2)
+    return ratings[2 + step if reward > 0 else 2 - step]
+
+
+def pretraining_corpus(n: int, *, seed: int = 0) -> list[dict]:
+    """`n` reviews of every domain, each with a mood, for a tiny base model's causal-LM training.
+
+    Returns:
+        Rows with `text` (prompt and response, joined as reward models read them) and `rating` (a star-rating
+        word, which the language model learns to write after the review ends, so its features carry sentiment as
+        a real pretrained model's do; the exact reward difference still has to be learned from preferences).
+    """
+    from ..finetune.data import join_prompt_response
+
+    rng = random.Random(f"corpus/{seed}")
+    domains = sorted(load_lexicon()["domains"])
+    rows = []
+    for _ in range(n):
+        domain = rng.choice(domains)
+        prompt = sample_prompt(rng, domain)
+        response, reward = sample_response(rng, domain, mix=rng.choice(MOODS))
+        rows.append({"text": join_prompt_response(prompt, response), "rating": star_rating(reward)})
+    return rows

@@ -1,0 +1,332 @@
+"""`warm-hub demo`: the whole WARM pipeline offline, in minutes on a CPU, from data shipped with the package.
+
+A word-level tokenizer and a tiny GPT-2 are trained on synthetic reviews; M members are fine-tuned on preference
+pairs with 25% flipped labels, merged by the streaming engine and evaluated against the known ground truth.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import OutputExistsError
+
+try:
+    from huggingface_hub.utils import logging
+
+    logger = logging.get_logger(__name__)
+except ImportError:  # pragma: no cover
+    import logging
+
+    logger = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
+SPLIT_FILES = {"in_distribution": "test_in_distribution.jsonl", "shifted": "test_shifted.jsonl"}
+PLOT_NAME = "eval.png"
+DEMO_ENTRIES = ("data", "base", "members", "warm", "demo_config.json")
+
+
+@dataclass
+class DemoConfig:
+    out: str = field(default="warm-demo", metadata={"help": "output folder"})
+    members: int = field(default=4, metadata={"help": "reward models to fine-tune and merge (M)"})
+    seed: int = field(default=0, metadata={"help": "seed of data, model init and training"})
+    corrupt_labels: float = field(default=0.25, metadata={"help": "share of flipped training labels"})
+    train_pairs: int = field(default=1000, metadata={"help": "training preference pairs"})
+    test_pairs: int = field(default=500, metadata={"help": "pairs in each test split"})
+    corpus_lines: int = field(default=4000, metadata={"help": "reviews in the base model's pretraining text"})
+    pretrain_steps: int = field(default=300, metadata={"help": "causal-LM steps of the tiny base"})
+    hidden_size: int = field(default=64, metadata={"help": "width of the tiny GPT-2"})
+    layers: int = field(default=2, metadata={"help": "transformer blocks of the tiny GPT-2"})
+    epochs: float = field(default=6.0, metadata={"help": "fine-tuning epochs per member"})
+    batch_size: int = field(default=16, metadata={"help": "preference pairs per step"})
+    learning_rates: list[float] = field(
+        default_factory=lambda: [5e-4, 1e-3], metadata={"help": "learning-rate grid of the members"}
+    )
+    dropouts: list[float] = field(default_factory=lambda: [0.05, 0.1], metadata={"help": "dropout grid"})
+    baklava: bool = field(default=False, metadata={"help": "start members from different pretraining checkpoints"})
+    interpolation_points: int = field(default=11, metadata={"help": "λ values on the member-0/member-1 path"})
+    plot: bool = field(default=True, metadata={"help": "draw eval.png when matplotlib is installed"})
+    threads: int = field(
+        default=1,
+        metadata={
+            "help": "torch CPU threads while the demo runs (0: torch's default); a 64-wide model gains little from"
+            " more, and on a busy machine extra threads spin and run many times slower"
+        },
+    )
+    overwrite: bool = field(default=False, metadata={"help": "replace a non-empty output folder"})
+
+
+@dataclass
+class DemoResult:
+    """What the demo produced: the WARM model, its evaluation and timings."""
+
+    out: Path
+    warm: Path
+    members: list[Path]
+    results: dict
+    seconds: float
+    timings: dict[str, float]
+    steps_per_second: float | None
+
+
+def build_tokenizer(corpus: list[str], *, max_length: int):
+    """A word-level fast tokenizer trained on `corpus` texts; it wraps every text as `[BOS] ... [EOS]`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from .data.reviews import load_lexicon
+
+    lexicon = load_lexicon()
+    # Every lexicon word gets a token even if the sampled corpus happens to miss one.
+    words = lexicon["positive"] + lexicon["negative"] + lexicon["neutral"] + lexicon["ratings"]
+    for spec in lexicon["domains"].values():
+        words += spec["subjects"] + spec["aspects"]
+    backend = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.train_from_iterator(corpus + [" ".join(words)], trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS))
+    backend.post_processor = processors.TemplateProcessing(
+        single="[BOS] $A [EOS]",
+        special_tokens=[("[BOS]", backend.token_to_id("[BOS]")), ("[EOS]", backend.token_to_id("[EOS]"))],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        bos_token="[BOS]",
+        eos_token="[EOS]",
+        model_max_length=max_length,
+    )
+
+
+def pretrain_base(folder: Path, *, tokenizer, corpus: list[dict], config: DemoConfig, tqdm_class) -> list[Path]:
+    """Train a tiny GPT-2 language model on `corpus` rows; save checkpoints along the way (for Baklava).
+
+    Each row is read as `[BOS] text [EOS] rating`: after a review ends, the model writes its star rating.
+
+    Returns:
+        The checkpoint folders, the final model last (`folder` itself).
+    """
+    import datasets
+    from transformers import (
+        DataCollatorForLanguageModeling,
+        GPT2Config,
+        GPT2LMHeadModel,
+        PrinterCallback,
+        ProgressCallback,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+        set_seed,
+    )
+
+    from .finetune.progress import progress_callback
+    from .finetune.trainer import version_dependent_arguments
+
+    set_seed(config.seed)
+    model_config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=tokenizer.model_max_length,
+        n_embd=config.hidden_size,
+        n_layer=config.layers,
+        n_head=4,
+        n_inner=4 * config.hidden_size,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = GPT2LMHeadModel(model_config)
+    ids = tokenizer([row["text"] for row in corpus])["input_ids"]
+    ratings = tokenizer.convert_tokens_to_ids([row["rating"] for row in corpus])
+    data = datasets.Dataset.from_dict({"input_ids": [row + [r] for row, r in zip(ids, ratings, strict=True)]})
+    # Baklava checkpoints: the later half of one training run, as WARM takes them from one SFT trajectory.
+    saves = {max(1, round(config.pretrain_steps * f)): i for i, f in enumerate((0.5, 0.75))}
+    checkpoints = [folder / "checkpoints" / f"step-{step}" for step in sorted(saves)]
+
+    class SaveCheckpoints(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step in saves:
+                path = checkpoints[saves[state.global_step]]
+                model.save_pretrained(path)
+                tokenizer.save_pretrained(path)
+
+    args = TrainingArguments(
+        output_dir=str(folder / ".trainer"),
+        per_device_train_batch_size=32,
+        max_steps=config.pretrain_steps,
+        learning_rate=3e-3,
+        lr_scheduler_type="cosine",
+        weight_decay=0.01,
+        seed=config.seed,
+        data_seed=config.seed,
+        logging_steps=50,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_pin_memory=False,
+        **version_dependent_arguments(warmup_ratio=0.1, gradient_checkpointing=False),
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        callbacks=[SaveCheckpoints(), progress_callback(tqdm_class, "Pretraining the tiny base")],
+    )
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    trainer.train()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    import shutil
+
+    shutil.rmtree(folder / ".trainer", ignore_errors=True)
+    return [*checkpoints, folder]
+
+
+def write_jsonl(rows: list[dict], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def run_demo(config: DemoConfig, *, tqdm_class=None) -> DemoResult:
+    """Run the demo end to end into `config.out`.
+
+    Layout: `data/` (pairs with their true rewards), `base/` (tiny LM, tokenizer, checkpoints), `members/`
+    (fine-tuned members and their shared init), `warm/` (the merged WARM model with its card,
+    `eval_results.json` and `eval.png`), `demo_config.json`.
+
+    Raises:
+        OutputExistsError: `config.out` is not empty and `config.overwrite` is false.
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
+    try:
+        return _run_demo(config, tqdm_class=tqdm_class)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run_demo(config: DemoConfig, *, tqdm_class) -> DemoResult:
+    import shutil
+
+    from .card import write_card
+    from .data.reviews import IN_DISTRIBUTION, SHIFTED, preference_pairs, pretraining_corpus
+    from .evaluate import EVAL_RESULTS_NAME, evaluate_models, load_split, save_results
+    from .finetune import FinetuneConfig, finetune
+    from .merge import merge
+
+    if tqdm_class is None:
+        from huggingface_hub.utils import tqdm as tqdm_class
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    out = Path(config.out)
+    if out.is_file():
+        raise OutputExistsError(f"{out} exists and is a file")
+    if out.is_dir() and any(out.iterdir()):
+        if not config.overwrite:
+            raise OutputExistsError(f"{out} exists and is not empty (pass --overwrite to replace it)")
+        # Only what a demo writes goes: `--out . --overwrite` must not empty someone's folder.
+        for entry in out.iterdir():
+            if entry.name in DEMO_ENTRIES or entry.name.startswith("warm.warm-hub-"):
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "demo_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n", encoding="utf-8")
+
+    tick = time.perf_counter()
+    data = out / "data"
+    train_file = write_jsonl(preference_pairs(config.train_pairs, domain=IN_DISTRIBUTION, seed=config.seed),
+                             data / "train.jsonl")
+    # Test seeds are offset so that no test pair is drawn from the training stream.
+    test_files = {
+        "in_distribution": write_jsonl(
+            preference_pairs(config.test_pairs, domain=IN_DISTRIBUTION, seed=config.seed + 10_000),
+            data / SPLIT_FILES["in_distribution"],
+        ),
+        "shifted": write_jsonl(
+            preference_pairs(config.test_pairs, domain=SHIFTED, seed=config.seed + 20_000),
+            data / SPLIT_FILES["shifted"],
+        ),
+    }
+    corpus = pretraining_corpus(config.corpus_lines, seed=config.seed)
+    tokenizer = build_tokenizer([row["text"] for row in corpus], max_length=96)
+    timings["data"] = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    checkpoints = pretrain_base(out / "base", tokenizer=tokenizer, corpus=corpus, config=config,
+                                tqdm_class=tqdm_class)
+    timings["pretrain"] = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    run = finetune(
+        FinetuneConfig(
+            bases=[str(p) for p in checkpoints] if config.baklava else [str(checkpoints[-1])],
+            data=str(train_file),
+            out=str(out / "members"),
+            members=config.members,
+            learning_rates=list(config.learning_rates),
+            dropouts=list(config.dropouts),
+            seed=config.seed,
+            epochs=config.epochs,
+            batch_size=config.batch_size,
+            max_length=96,
+            warmup_ratio=0.1,
+            probe_epochs=1.0,
+            probe_learning_rate=1e-2,
+            corrupt_labels=config.corrupt_labels,
+            logging_steps=50,
+        ),
+        tqdm_class=tqdm_class,
+    )
+    timings["finetune"] = time.perf_counter() - tick
+    steps = sum(m.steps or 0 for m in run.member_configs)
+    train_seconds = sum(m.train_seconds or 0.0 for m in run.member_configs)
+
+    tick = time.perf_counter()
+    merged = merge([str(p) for p in run.members], out / "warm", device="cpu", tqdm_class=tqdm_class)
+    timings["merge"] = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    splits = [load_split(path, name=name) for name, path in test_files.items()]
+    results = evaluate_models(
+        [*map(str, run.members), str(merged.out)],
+        splits,
+        references=[str(run.shared_init)],
+        ensemble=True,
+        interpolate=(0, 1) if config.members >= 2 else None,
+        lambdas=config.interpolation_points,
+        dataset_name="warm-hub synthetic reviews (clean labels; restaurants in distribution, hotels shifted)",
+        device="cpu",
+        batch_size=64,
+        tqdm_class=tqdm_class,
+    )
+    if config.plot and _try_plot(results, merged.out / PLOT_NAME):
+        results["plot"] = PLOT_NAME
+    write_card(merged.out, eval_results=save_results(results, merged.out / EVAL_RESULTS_NAME))
+    timings["evaluate"] = time.perf_counter() - tick
+    return DemoResult(
+        out=out,
+        warm=merged.out,
+        members=list(run.members),
+        results=results,
+        seconds=time.perf_counter() - started,
+        timings=timings,
+        steps_per_second=steps / train_seconds if train_seconds else None,
+    )
+
+
+def _try_plot(results: dict, path: Path) -> bool:
+    from .plots import plot_results
+
+    try:
+        plot_results(results, path)
+    except ImportError:
+        logger.info("matplotlib is not installed; skipping %s (pip install 'warm-hub[plot]')", path.name)
+        return False
+    return True

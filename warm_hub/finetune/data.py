@@ -1,0 +1,257 @@
+"""Preference data for reward models: load TRL-format pairs, flip a share of labels, and turn texts into tokens.
+
+The text rule here (`format_text`) is shared by fine-tuning, evaluation and `RewardModel.score`, so a member is
+scored on exactly the kind of text it was trained on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import SourceNotFoundError, WarmHubError
+
+try:
+    from huggingface_hub.utils import logging
+
+    logger = logging.get_logger(__name__)
+except ImportError:  # pragma: no cover
+    import logging
+
+    logger = logging.getLogger(__name__)
+
+LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+_HUB_DATASET_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+FLIPPED_COLUMN = "label_flipped"
+
+
+class PreferenceDataError(WarmHubError, ValueError):
+    """Preference data lacks the `chosen`/`rejected` columns or holds values of the wrong kind."""
+
+
+def load_preference_data(source: str | Path, *, split: str = "train", revision: str | None = None, token=None):
+    """Load preference pairs in TRL's format (`prompt` optional, `chosen`, `rejected`).
+
+    Args:
+        source: a `.jsonl`/`.json`/`.parquet` file, a folder (of such files, or a `save_to_disk` dataset), or a
+            Hub dataset id (`org/name`).
+        split: the split to use for folders and Hub datasets (local files are a single split).
+        revision: the Hub dataset revision.
+        token: Hub token for private datasets.
+
+    Returns:
+        A `datasets.Dataset`.
+
+    Raises:
+        SourceNotFoundError: a local path that does not exist.
+        PreferenceDataError: the data lacks `chosen`/`rejected`, or the format is not supported.
+    """
+    import datasets
+
+    path = Path(source)
+    if path.is_file():
+        builder = LOCAL_FORMATS.get(path.suffix.lower())
+        if builder is None:
+            raise PreferenceDataError(
+                f"{path.name}: unsupported data file type {path.suffix!r} (use .jsonl, .json or .parquet)"
+            )
+        with quiet_datasets():
+            dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
+    elif path.is_dir():
+        if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
+            loaded = datasets.load_from_disk(str(path))
+            dataset = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+        else:
+            dataset = datasets.load_dataset(str(path), split=split)
+    elif _HUB_DATASET_ID.fullmatch(str(source)) and not str(source).startswith((".", "/")):
+        dataset = datasets.load_dataset(str(source), split=split, revision=revision, token=token)
+    else:
+        raise SourceNotFoundError(f"preference data {str(source)!r} is neither a local file or folder nor a Hub id")
+    check_preference_columns(dataset, label=str(source))
+    return dataset
+
+
+def check_preference_columns(dataset, *, label: str) -> None:
+    """Raise `PreferenceDataError` unless `dataset` has `chosen` and `rejected` columns (and at least one row)."""
+    missing = [c for c in ("chosen", "rejected") if c not in dataset.column_names]
+    if missing:
+        raise PreferenceDataError(
+            f"{label}: missing column(s) {missing}; preference data needs 'chosen' and 'rejected' (and optionally"
+            f" 'prompt'), found {dataset.column_names}"
+        )
+    if len(dataset) == 0:
+        raise PreferenceDataError(f"{label}: no preference pairs")
+
+
+def corrupt_labels(dataset, fraction: float, *, seed: int):
+    """Swap `chosen` and `rejected` in exactly `round(fraction * n)` pairs, picked with `seed`.
+
+    The paper's label-noise experiment. A `label_flipped` column records which pairs were swapped.
+
+    Args:
+        dataset: a `datasets.Dataset` with `chosen` and `rejected`.
+        fraction: share of pairs to flip, in [0, 1].
+        seed: picks which pairs; the same seed flips the same pairs.
+
+    Returns:
+        A new `datasets.Dataset`.
+    """
+    n = len(dataset)
+    flipped = set(random.Random(seed).sample(range(n), round(fraction * n)))
+
+    def swap(example: dict, index: int) -> dict:
+        if index in flipped:
+            example["chosen"], example["rejected"] = example["rejected"], example["chosen"]
+        example[FLIPPED_COLUMN] = index in flipped
+        return example
+
+    with quiet_datasets():
+        return dataset.map(swap, with_indices=True, load_from_cache_file=False)
+
+
+def is_conversational(value: Any) -> bool:
+    """True for a list of `{"role": ..., "content": ...}` messages (TRL's conversational format)."""
+    return (
+        isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "role" in m and "content" in m
+                                                        for m in value)
+    )
+
+
+def join_prompt_response(prompt: str | None, response: str) -> str:
+    """Plain-text rule: `prompt + response` when either side brings whitespace, else a newline between them."""
+    if not prompt:
+        return response
+    if prompt[-1].isspace() or response[:1].isspace():
+        return prompt + response
+    return prompt + "\n" + response
+
+
+def format_text(tokenizer, prompt: str | list[dict] | None, response: str | list[dict]) -> tuple[str, bool]:
+    """The text a reward model reads for (prompt, response), and whether the tokenizer adds special tokens.
+
+    Conversational inputs go through the tokenizer's chat template (which brings its own special tokens);
+    plain text is joined by `join_prompt_response`.
+
+    Raises:
+        PreferenceDataError: conversational input for a tokenizer without a chat template, or a value that is
+            neither text nor messages.
+    """
+    if is_conversational(prompt) or is_conversational(response):
+        if not getattr(tokenizer, "chat_template", None):
+            raise PreferenceDataError(
+                "the data is conversational but the tokenizer has no chat template; set one (tokenizer.chat_template)"
+                " or use plain-text prompt/response pairs"
+            )
+        messages = list(prompt) if is_conversational(prompt) else []
+        if isinstance(prompt, str) and prompt:
+            messages = [{"role": "user", "content": prompt}]
+        messages += response if is_conversational(response) else [{"role": "assistant", "content": str(response)}]
+        return tokenizer.apply_chat_template(messages, tokenize=False), False
+    if not isinstance(response, str) or not (prompt is None or isinstance(prompt, str)):
+        raise PreferenceDataError(
+            f"expected text or a list of messages, got prompt {type(prompt).__name__} and response"
+            f" {type(response).__name__}"
+        )
+    return join_prompt_response(prompt, response), True
+
+
+def encode(tokenizer, prompts: Sequence[Any], responses: Sequence[Any]) -> list[list[int]]:
+    """Token ids of every (prompt, response) under `format_text`, without truncation or padding."""
+    texts = [format_text(tokenizer, p, r) for p, r in zip(prompts, responses, strict=True)]
+    ids: list[list[int] | None] = [None] * len(texts)
+    for special in (True, False):
+        positions = [i for i, (_, s) in enumerate(texts) if s is special]
+        if positions:
+            encoded = tokenizer([texts[i][0] for i in positions], add_special_tokens=special)["input_ids"]
+            for i, row in zip(positions, encoded, strict=True):
+                ids[i] = list(row)
+    return ids  # type: ignore[return-value]
+
+
+def ensure_pad_token(tokenizer) -> None:
+    """Give `tokenizer` a pad token (its EOS, else UNK) when it has none: batched scoring needs one.
+
+    Raises:
+        PreferenceDataError: the tokenizer has no pad, EOS or UNK token.
+    """
+    if tokenizer.pad_token is not None:
+        return
+    for candidate in (tokenizer.eos_token, tokenizer.unk_token):
+        if candidate is not None:
+            tokenizer.pad_token = candidate
+            logger.info("the tokenizer has no pad token; using %r", candidate)
+            return
+    raise PreferenceDataError("the tokenizer has no pad, EOS or UNK token; add a pad token to it first")
+
+
+def tokenize_preferences(dataset, tokenizer, *, max_length: int):
+    """Tokenize chosen and rejected texts; drop pairs where either is longer than `max_length` (as TRL does).
+
+    Returns:
+        A `datasets.Dataset` with `input_ids_chosen` and `input_ids_rejected` only.
+    """
+    has_prompt = "prompt" in dataset.column_names
+
+    def tokenize(batch: dict) -> dict:
+        prompts = batch["prompt"] if has_prompt else [None] * len(batch["chosen"])
+        return {
+            "input_ids_chosen": encode(tokenizer, prompts, batch["chosen"]),
+            "input_ids_rejected": encode(tokenizer, prompts, batch["rejected"]),
+        }
+
+    with quiet_datasets():
+        tokenized = dataset.map(
+            tokenize, batched=True, remove_columns=dataset.column_names, load_from_cache_file=False
+        )
+        kept = tokenized.filter(
+            lambda row: len(row["input_ids_chosen"]) <= max_length and len(row["input_ids_rejected"]) <= max_length,
+            load_from_cache_file=False,
+        )
+    if len(kept) < len(tokenized):
+        logger.warning("dropped %d of %d pairs longer than %d tokens", len(tokenized) - len(kept), len(tokenized),
+                       max_length)
+    if len(kept) == 0:
+        raise PreferenceDataError(f"every pair is longer than --max-length {max_length}")
+    return kept
+
+
+@contextlib.contextmanager
+def quiet_datasets() -> Iterator[None]:
+    """Hide `datasets`' bar of each quick map/filter (seconds at most); warm-hub's own bars cover the long steps."""
+    import datasets
+
+    enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if enabled:
+            datasets.enable_progress_bars()
+
+
+@dataclass
+class PreferenceCollator:
+    """Pad chosen and rejected ids of a batch to one length (right padding), so they run as one forward pass."""
+
+    pad_token_id: int
+
+    def __call__(self, features: list[dict]) -> dict:
+        import torch
+
+        longest = max(max(len(f["input_ids_chosen"]), len(f["input_ids_rejected"])) for f in features)
+        batch = {}
+        for side in ("chosen", "rejected"):
+            ids = torch.full((len(features), longest), self.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(features), longest), dtype=torch.long)
+            for row, feature in enumerate(features):
+                tokens = feature[f"input_ids_{side}"]
+                ids[row, : len(tokens)] = torch.as_tensor(tokens, dtype=torch.long)
+                mask[row, : len(tokens)] = 1
+            batch[f"input_ids_{side}"] = ids
+            batch[f"attention_mask_{side}"] = mask
+        return batch

@@ -1,0 +1,388 @@
+"""Fine-tune M diverse reward models from one shared init, WARM's recipe, on transformers' `Trainer`.
+
+A shared head is linear-probed once on the frozen base (LP-FT); every member then starts from base + that head
+and differs along the chosen axes: data order, learning rate, dropout, base checkpoint (Baklava).
+"""
+
+from __future__ import annotations
+
+import gc
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import InvalidOptionError, OutputExistsError
+from .config import RUN_CONFIG_NAME, SHARED_INIT_DIR, FinetuneConfig, MemberConfig
+from .data import (
+    PreferenceCollator,
+    corrupt_labels,
+    ensure_pad_token,
+    load_preference_data,
+    tokenize_preferences,
+)
+from .progress import progress_callback, quiet_transformers
+from .publish import push_members, write_member_card
+
+try:
+    from huggingface_hub.utils import logging
+
+    logger = logging.get_logger(__name__)
+except ImportError:  # pragma: no cover
+    import logging
+
+    logger = logging.getLogger(__name__)
+
+# Config keys that hold a dropout probability, across the common architectures (Llama/Qwen/Mistral have only
+# attention_dropout; GPT-2 has the *_pdrop trio; BERT-likes the *_prob pair).
+DROPOUT_KEYS = (
+    "dropout",
+    "attention_dropout",
+    "hidden_dropout",
+    "activation_dropout",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "resid_pdrop",
+    "embd_pdrop",
+    "attn_pdrop",
+    "classifier_dropout",
+)
+# Attribute names of classification heads, used when a base already has its head (nothing is missing at load).
+HEAD_MODULES = ("score", "classifier", "v_head")
+TRAINER_DIR = ".trainer"
+
+
+@dataclass
+class FinetuneResult:
+    """What `finetune` produced.
+
+    Attributes:
+        out: the output folder.
+        members: the member checkpoints, in order (`out/member-<i>`).
+        shared_init: the checkpoint every member's head started from (`out/shared-init`).
+        member_configs: the config of each member, with its training figures.
+        urls: Hub URLs of the pushed members, when pushed.
+    """
+
+    out: Path
+    members: list[Path]
+    shared_init: Path
+    member_configs: list[MemberConfig]
+    urls: list[str] = field(default_factory=list)
+
+
+def bradley_terry_loss(chosen_rewards, rejected_rewards):
+    """Mean of -log σ(r_chosen - r_rejected) over the batch (the Bradley-Terry negative log-likelihood)."""
+    import torch.nn.functional as F
+
+    return -F.logsigmoid(chosen_rewards - rejected_rewards).mean()
+
+
+def _bradley_terry_trainer_class():
+    from transformers import Trainer
+
+    class BradleyTerryTrainer(Trainer):
+        """`Trainer` with the pairwise reward-model loss; chosen and rejected run as one forward pass."""
+
+        # The loss is a batch mean: let Trainer divide it across gradient-accumulation steps.
+        loss_is_scaled_for_ga = False
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            import torch
+
+            n = inputs["input_ids_chosen"].shape[0]
+            input_ids = torch.cat([inputs["input_ids_chosen"], inputs["input_ids_rejected"]])
+            attention_mask = torch.cat([inputs["attention_mask_chosen"], inputs["attention_mask_rejected"]])
+            rewards = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, 0]
+            loss = bradley_terry_loss(rewards[:n], rewards[n:])
+            if return_outputs:
+                return loss, {"rewards_chosen": rewards[:n], "rewards_rejected": rewards[n:]}
+            return loss
+
+    return BradleyTerryTrainer
+
+
+def load_reward_backbone(base: str, *, tokenizer, dropout: float | None = None, token=None):
+    """Load `base` as a `*ForSequenceClassification` with one output, its pad token set, in float32.
+
+    Args:
+        base: a local folder or Hub id of a causal LM, SFT model or reward model.
+        tokenizer: the tokenizer whose pad token id goes into the config.
+        dropout: sets every dropout probability of the config when given.
+        token: Hub token.
+
+    Returns:
+        (model, newly initialised parameter names).
+
+    Raises:
+        InvalidOptionError: a dropout is asked for but the architecture has no dropout setting, or the model has
+            no classification head to train.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(base, token=token)
+    config.num_labels = 1
+    config.pad_token_id = tokenizer.pad_token_id
+    if dropout is not None:
+        keys = [k for k in DROPOUT_KEYS if isinstance(getattr(config, k, None), float | int)]
+        if not keys:
+            raise InvalidOptionError(
+                f"{base}: its {config.model_type} config has no dropout setting, so --dropout cannot vary it"
+            )
+        for key in keys:
+            setattr(config, key, dropout)
+    with quiet_transformers():
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            base, config=config, dtype=torch.float32, token=token, output_loading_info=True
+        )
+    new = set(info["missing_keys"])
+    if not new:
+        new = {name for name, _ in model.named_parameters() if name.split(".")[0] in HEAD_MODULES}
+    if not new:
+        raise InvalidOptionError(f"{base}: cannot find the classification head of {type(model).__name__}")
+    return model, sorted(new)
+
+
+def finetune(config: FinetuneConfig, *, token=None, tqdm_class=None) -> FinetuneResult:
+    """Train `config.members` reward models with the Bradley-Terry loss from one shared init.
+
+    Works in one process (CPU or one GPU) or under `accelerate launch` (DDP, FSDP with a full state dict,
+    DeepSpeed): every rank runs this function, the main one writes the files.
+
+    Args:
+        config: the run's options.
+        token: Hub token for private bases, data or pushes.
+        tqdm_class: progress bar class (huggingface_hub's `tqdm` by default).
+
+    Returns:
+        A `FinetuneResult`.
+
+    Raises:
+        InvalidOptionError: inconsistent options, or bases with different tokenizers.
+        OutputExistsError: `config.out` is not empty and `config.overwrite` is false.
+        PreferenceDataError: the data is not in TRL's preference format.
+    """
+    from accelerate import PartialState
+    from transformers import AutoTokenizer, set_seed
+
+    if tqdm_class is None:
+        from huggingface_hub.utils import tqdm as tqdm_class
+
+    config.validate()
+    probe_args = _training_arguments(
+        config, Path(config.out), seed=config.seed, learning_rate=config.probe_learning_rate,
+        epochs=config.probe_epochs, max_steps=config.probe_max_steps, warmup_ratio=0.0, gradient_checkpointing=False,
+    )
+    # After TrainingArguments: they set up the (singleton) distributed state as the Trainer will use it.
+    state = PartialState()
+    out = Path(config.out)
+    if state.is_main_process:
+        _prepare_output(out, overwrite=config.overwrite)
+    state.wait_for_everyone()
+
+    tokenizer = AutoTokenizer.from_pretrained(config.bases[0], token=token)
+    ensure_pad_token(tokenizer)
+    tokenizer.padding_side = "right"
+    _check_same_tokenizers(config.bases, tokenizer, token=token)
+
+    with state.main_process_first():
+        dataset = load_preference_data(config.data, split=config.split, token=token)
+        if config.corrupt_labels > 0:
+            seed = config.seed if config.corrupt_seed is None else config.corrupt_seed
+            dataset = corrupt_labels(dataset, config.corrupt_labels, seed=seed)
+        train = tokenize_preferences(dataset, tokenizer, max_length=config.max_length)
+    collator = PreferenceCollator(pad_token_id=tokenizer.pad_token_id)
+    if state.is_main_process:
+        logger.info("training on %d preference pairs from %s", len(train), config.data)
+
+    # The shared init: one head, drawn with `seed`, probed once, copied into every member.
+    set_seed(config.seed)
+    model, head_names = load_reward_backbone(config.bases[0], tokenizer=tokenizer, token=token)
+    shared = out / SHARED_INIT_DIR
+    trainer = None
+    if config.linear_probe:
+        for name, param in model.named_parameters():
+            param.requires_grad_(name in head_names)
+        trainer = _make_trainer(model, probe_args, train, collator, tokenizer, tqdm_class, "Linear probe")
+        trainer.train()
+        for param in model.parameters():
+            param.requires_grad_(True)
+    _save_checkpoint(model, shared, tokenizer=tokenizer, trainer=trainer, state=state)
+    del trainer, model
+    gc.collect()
+    state.wait_for_everyone()
+    head = _read_tensors(shared, head_names)
+
+    paths, members = [], config.member_configs()
+    for member in members:
+        set_seed(member.seed)
+        model, new = load_reward_backbone(member.base, tokenizer=tokenizer, dropout=member.dropout, token=token)
+        if sorted(new) != head_names:
+            raise InvalidOptionError(
+                f"{member.base} gets new parameters {new} but the shared head has {head_names}; Baklava bases must be"
+                " checkpoints of one architecture"
+            )
+        missing, unexpected = model.load_state_dict(head, strict=False)
+        assert not unexpected and not set(head) & set(missing), (unexpected, missing)
+        args = _training_arguments(
+            config, out, seed=member.seed, learning_rate=member.learning_rate, epochs=member.epochs,
+            max_steps=member.max_steps, warmup_ratio=member.warmup_ratio,
+            gradient_checkpointing=config.gradient_checkpointing,
+        )
+        trainer = _make_trainer(model, args, train, collator, tokenizer, tqdm_class, member.name)
+        started = time.perf_counter()
+        output = trainer.train()
+        member.train_seconds = round(time.perf_counter() - started, 3)
+        member.train_pairs = len(train)
+        member.steps = trainer.state.global_step
+        member.train_loss = round(float(output.training_loss), 6)
+        member.steps_per_second = round(member.steps / member.train_seconds, 3) if member.train_seconds else None
+        path = out / member.name
+        _save_checkpoint(model, path, tokenizer=tokenizer, trainer=trainer, state=state)
+        if state.is_main_process:
+            member.save(path)
+            write_member_card(path, member)
+            logger.info("%s: %d steps, loss %.4f, %.2f steps/s", member.name, member.steps, member.train_loss,
+                        member.steps_per_second or 0.0)
+        paths.append(path)
+        del trainer, model
+        gc.collect()
+        _empty_device_cache()
+    if state.is_main_process:
+        config.save(out)
+        shutil.rmtree(out / TRAINER_DIR, ignore_errors=True)
+    state.wait_for_everyone()
+
+    result = FinetuneResult(out=out, members=paths, shared_init=shared, member_configs=members)
+    if config.push_to and state.is_main_process:
+        result.urls = push_members(paths, config.push_to, private=config.private, token=token)
+    return result
+
+
+def _prepare_output(out: Path, *, overwrite: bool) -> None:
+    if out.is_file():
+        raise OutputExistsError(f"{out} exists and is a file")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise OutputExistsError(f"{out} exists and is not empty (pass --overwrite to replace its members)")
+        # Only what a finetune run writes goes; anything else the user keeps there stays.
+        for entry in out.iterdir():
+            if entry.name.startswith("member-") or entry.name in (SHARED_INIT_DIR, TRAINER_DIR):
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        (out / RUN_CONFIG_NAME).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _check_same_tokenizers(bases: list[str], tokenizer, *, token) -> None:
+    """Members are merged, so they must read the same tokens: Baklava bases need one vocabulary."""
+    if len(set(bases)) < 2:
+        return
+    from transformers import AutoTokenizer
+
+    vocab = tokenizer.get_vocab()
+    for base in dict.fromkeys(bases[1:]):
+        if AutoTokenizer.from_pretrained(base, token=token).get_vocab() != vocab:
+            raise InvalidOptionError(f"{base} has a different vocabulary from {bases[0]}; Baklava needs one tokenizer")
+
+
+def _training_arguments(config: FinetuneConfig, out: Path, *, seed, learning_rate, epochs, max_steps, warmup_ratio,
+                        gradient_checkpointing):
+    import torch
+    from transformers import TrainingArguments
+
+    accelerator = getattr(torch, "accelerator", None)
+    has_accelerator = accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=str(out / TRAINER_DIR),
+        # Only then does a CPU-only `torchrun --nproc_per_node N` run become one DDP (gloo) job.
+        use_cpu=not has_accelerator,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        num_train_epochs=epochs if epochs > 0 else 1.0,
+        max_steps=max_steps,
+        learning_rate=learning_rate,
+        lr_scheduler_type=config.lr_scheduler_type,
+        weight_decay=config.weight_decay,
+        bf16=config.bf16,
+        seed=seed,
+        data_seed=seed,
+        logging_strategy="steps",
+        logging_steps=config.logging_steps,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        # The collator reads input_ids_chosen/rejected, which Trainer would otherwise drop as unknown columns.
+        remove_unused_columns=False,
+        dataloader_pin_memory=False,
+        # Every trainable parameter takes part in the loss; searching for unused ones only costs time.
+        ddp_find_unused_parameters=False,
+        average_tokens_across_devices=False,
+        **version_dependent_arguments(warmup_ratio=warmup_ratio, gradient_checkpointing=gradient_checkpointing),
+    )
+
+
+def version_dependent_arguments(*, warmup_ratio: float, gradient_checkpointing: bool) -> dict:
+    """TrainingArguments whose names changed in transformers 5 (activation_checkpointing, float warmup_steps)."""
+    from transformers import TrainingArguments
+
+    names = TrainingArguments.__dataclass_fields__
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    warmup = "warmup_ratio" if "warmup_ratio" in names else "warmup_steps"
+    return {checkpointing: gradient_checkpointing, warmup: warmup_ratio}
+
+
+def _make_trainer(model, args, train, collator, tokenizer, tqdm_class, desc: str):
+    from transformers import PrinterCallback, ProgressCallback
+
+    trainer = _bradley_terry_trainer_class()(
+        model=model,
+        args=args,
+        train_dataset=train,
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=[progress_callback(tqdm_class, desc)],
+    )
+    # The library does not print: Trainer's own printer and bar give way to the logger and the Hub bar.
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    # Trainer keeps dropout on while training (model.train()); unlike TRL's RewardTrainer it never disables it,
+    # which the dropout diversity axis relies on.
+    return trainer
+
+
+def _save_checkpoint(model, path: Path, *, tokenizer, trainer, state) -> None:
+    """save_pretrained in safetensors with the tokenizer; through the Trainer when it ran (FSDP/DeepSpeed gather)."""
+    if trainer is not None:
+        trainer.save_model(str(path))
+        if state.is_main_process:
+            # Trainer pickles its arguments beside the weights; a published reward model should hold no pickle.
+            (path / "training_args.bin").unlink(missing_ok=True)
+    elif state.is_main_process:
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    state.wait_for_everyone()
+
+
+def _read_tensors(folder: Path, names: list[str]) -> dict:
+    from safetensors import safe_open
+
+    wanted, found = set(names), {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            for key in f.keys():
+                if key in wanted:
+                    found[key] = f.get_tensor(key)
+    missing = wanted - set(found)
+    assert not missing, f"shared init lacks {sorted(missing)}"
+    return found
+
+
+def _empty_device_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
