@@ -9,9 +9,14 @@ import pytest
 
 from warm_hub.testing.hub_server import reserve_endpoint
 
-# huggingface_hub reads HF_ENDPOINT once, at import: point it at the loopback Hub before anything imports it.
+# huggingface_hub reads HF_ENDPOINT once, at import: start the loopback Hub and point it there before any import.
 reserve_endpoint()
 
+import torch  # noqa: E402
+
+# Triton reads TRITON_INTERPRET when a kernel is decorated: without a GPU, kernels run on the CPU interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 # Progress bars in test logs are noise; tests that check them set the variable themselves.
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -48,12 +53,10 @@ def python() -> str:
     return sys.executable
 
 
-from warm_hub.testing.hub_server import _hub_server_session, hub_server  # noqa: E402,F401
+from warm_hub.testing.hub_server import hub_server  # noqa: E402,F401
 
 
 def pytest_collection_modifyitems(config, items):
-    import torch
-
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

@@ -1,20 +1,218 @@
 """The model card of a merge output: front matter and body rendered from `cards/*.md.jinja`.
 
 Cards are built with huggingface_hub's `ModelCard`/`ModelCardData`, so their metadata is what the Hub expects
-(`base_model`, `base_model_relation: merge`, `pipeline_tag`, tags). They never hold a token or a local path.
+(`base_model`, `base_model_relation: merge`, `license` when the ingredients agree, `model-index` from evaluation
+results). They never hold a token or a local path.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import os
 import shlex
+import shutil
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from .recipe import WarmRecipe
+from .errors import InvalidOptionError
+from .recipe import Ingredient, WarmRecipe
+
+try:
+    from huggingface_hub.utils import logging
+
+    logger = logging.get_logger(__name__)
+except ImportError:  # pragma: no cover
+    import logging
+
+    logger = logging.getLogger(__name__)
 
 TEMPLATE = "warm_model_card.md.jinja"
 CARD_NAME = "README.md"
+EVAL_RESULTS_NAME = "eval_results.json"
 TAGS = ["warm", "reward-model", "merge", "warm-hub"]
+THIS_MODEL_KEYS = ("warm", "WARM", "merged", "this model")
+PLOT_SUFFIXES = (".png", ".jpg", ".jpeg", ".svg", ".webp", ".gif")
+
+
+@dataclass
+class EvalResults:
+    """Pairwise accuracies to show on the card, read from an eval-results JSON.
+
+    The accepted JSON (written by `warm-hub evaluate --json FILE`)::
+
+        {
+          "dataset": {"name": "HH-RLHF harmless", "type": "Anthropic/hh-rlhf", "config": null, "revision": null},
+          "splits": {"test": {"WARM": {"accuracy": 0.712, "n": 500}, "member-0": {"accuracy": 0.69, "n": 500}}},
+          "model": "WARM",
+          "plot": "eval.png"
+        }
+
+    `splits` maps a split name to model name -> {"accuracy": float in [0, 1], "n": int (optional)}. `model`
+    (optional) names this merged model's entry; else the one entry of kind "warm" in `models` (as
+    `warm-hub evaluate` writes them), an entry named `warm`/`WARM`/`merged`, or the card's model name.
+    Other keys (`format`, `metric`, `models`, `data`, ...) are allowed and ignored. `dataset.type` (a Hub
+    dataset id) is needed for the `model-index` front matter; without it the card still shows the table.
+    `plot` (optional) is an image path relative to the JSON file.
+    """
+
+    splits: dict[str, dict[str, dict[str, float]]]
+    dataset_name: str | None = None
+    dataset_type: str | None = None
+    dataset_config: str | None = None
+    dataset_revision: str | None = None
+    model: str | None = None
+    plot: Path | None = None
+    raw: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> EvalResults:
+        """Read and validate an eval-results JSON file.
+
+        Raises:
+            InvalidOptionError: unreadable, or not of the documented schema.
+        """
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise InvalidOptionError(f"{path}: no such eval-results file") from None
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise InvalidOptionError(f"{path}: not a readable JSON file ({exc})") from None
+        results = cls.from_dict(data, where=str(path))
+        if results.plot is not None and not results.plot.is_absolute():
+            results.plot = path.parent / results.plot
+        return results
+
+    @classmethod
+    def from_dict(cls, data: object, *, where: str = "eval results") -> EvalResults:
+        def bad(problem: str) -> InvalidOptionError:
+            return InvalidOptionError(f"{where}: {problem} (see warm_hub.card.EvalResults for the schema)")
+
+        if not isinstance(data, dict):
+            raise bad("expected a JSON object")
+        splits = data.get("splits")
+        if not isinstance(splits, dict) or not splits:
+            raise bad('"splits" must map split names to {model name: {"accuracy": ..., "n": ...}}')
+        clean: dict[str, dict[str, dict[str, float]]] = {}
+        for split, models in splits.items():
+            if not isinstance(models, dict) or not models:
+                raise bad(f"split {split!r} must map model names to results")
+            clean[str(split)] = {}
+            for model, result in models.items():
+                if isinstance(result, int | float) and not isinstance(result, bool):
+                    result = {"accuracy": result}
+                accuracy = result.get("accuracy") if isinstance(result, dict) else None
+                if isinstance(accuracy, bool) or not isinstance(accuracy, int | float) or not math.isfinite(accuracy):
+                    raise bad(f'{split}/{model}: "accuracy" must be a number')
+                if not 0 <= accuracy <= 1:
+                    raise bad(f"{split}/{model}: accuracy {accuracy} is not a fraction in [0, 1]")
+                entry = {"accuracy": float(accuracy)}
+                n = result.get("n")
+                if n is not None:
+                    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                        raise bad(f'{split}/{model}: "n" must be a count of pairs')
+                    entry["n"] = n
+                clean[str(split)][str(model)] = entry
+        dataset = data.get("dataset") or {}
+        if isinstance(dataset, str):
+            dataset = {"name": dataset}
+        if not isinstance(dataset, dict):
+            raise bad('"dataset" must be an object with "name" and "type"')
+        plot = data.get("plot")
+        if plot is not None and not isinstance(plot, str):
+            raise bad('"plot" must be a file name')
+        model = data.get("model")
+        if model is None and isinstance(data.get("models"), list):
+            # `warm-hub evaluate` describes its models; a single WARM entry is this model.
+            warm = [m.get("name") for m in data["models"] if isinstance(m, dict) and m.get("kind") == "warm"]
+            model = warm[0] if len(warm) == 1 else None
+        return cls(
+            splits=clean,
+            dataset_name=_text(dataset.get("name")) or _text(dataset.get("type")),
+            dataset_type=_text(dataset.get("type")),
+            dataset_config=_text(dataset.get("config")),
+            dataset_revision=_text(dataset.get("revision")),
+            model=_text(model),
+            plot=Path(plot) if plot else None,
+            raw=data,
+        )
+
+    def to_dict(self) -> dict:
+        """The documented JSON form (what `load` reads)."""
+        dataset = {"name": self.dataset_name, "type": self.dataset_type}
+        if self.dataset_config:
+            dataset["config"] = self.dataset_config
+        if self.dataset_revision:
+            dataset["revision"] = self.dataset_revision
+        data: dict = {"dataset": dataset, "splits": self.splits}
+        if self.model:
+            data["model"] = self.model
+        if self.plot is not None:
+            data["plot"] = self.plot.name
+        return data
+
+    def models(self) -> list[str]:
+        """Every model named in any split, in order of first appearance."""
+        seen: dict[str, None] = {}
+        for models in self.splits.values():
+            seen.update(dict.fromkeys(models))
+        return list(seen)
+
+    def this_model(self, model_name: str | None) -> str | None:
+        """The entry of the merged model itself, if one can be told apart."""
+        names = self.models()
+        if self.model:
+            return self.model if self.model in names else None
+        for candidate in (*THIS_MODEL_KEYS, model_name):
+            if candidate in names:
+                return candidate
+        lowered = {name.lower(): name for name in names}
+        return next((lowered[k.lower()] for k in THIS_MODEL_KEYS if k.lower() in lowered), None)
+
+    def rows(self, model_name: str | None) -> list[dict]:
+        this = self.this_model(model_name)
+        rows = []
+        for name in self.models():
+            cells = []
+            for split in self.splits:
+                result = self.splits[split].get(name)
+                if result is None:
+                    cells.append("–")
+                else:
+                    n = f" (n={result['n']})" if "n" in result else ""
+                    cells.append(f"{result['accuracy']:.3f}{n}")
+            rows.append({"name": f"**{name}**" if name == this else name, "values": cells})
+        return rows
+
+    def eval_results(self, model_name: str | None):
+        """`huggingface_hub.EvalResult`s of the merged model (the `model-index`), or [] when not possible."""
+        from huggingface_hub import EvalResult
+
+        this = self.this_model(model_name)
+        if this is None or not self.dataset_type:
+            return []
+        return [
+            EvalResult(
+                task_type="text-classification",
+                task_name="Reward modeling (pairwise preference accuracy)",
+                dataset_type=self.dataset_type,
+                dataset_name=self.dataset_name or self.dataset_type,
+                dataset_config=self.dataset_config,
+                dataset_split=split,
+                dataset_revision=self.dataset_revision,
+                metric_type="accuracy",
+                metric_name="Pairwise accuracy",
+                metric_value=round(models[this]["accuracy"], 6),
+            )
+            for split, models in self.splits.items()
+            if this in models
+        ]
+
+
+def _text(value: object) -> str | None:
+    return str(value) if value not in (None, "") else None
 
 
 def reproduce_command(recipe: WarmRecipe, *, out: str) -> str:
@@ -34,6 +232,44 @@ def reproduce_command(recipe: WarmRecipe, *, out: str) -> str:
     return " ".join(shlex.quote(p) for p in parts)
 
 
+def ingredient_metadata(
+    ingredients: list[Ingredient], *, token: str | bool | None = None
+) -> tuple[str | None, list[str] | None]:
+    """The license all ingredients agree on, and the datasets any names, read from their Hub cards.
+
+    Local ingredients and cards that cannot be read leave the license unknown (None): a license is only
+    claimed when every ingredient's card states the same one. Never raises: metadata is optional.
+
+    Returns:
+        (license or None, datasets or None).
+    """
+    licenses: list[str | None] = []
+    datasets: dict[str, None] = {}
+    for ing in ingredients:
+        data = None if ing.local else _hub_card_data(ing.source, ing.revision, token=token)
+        if data is None:
+            licenses.append(None)
+            continue
+        licenses.append(data.get("license") if isinstance(data.get("license"), str) else None)
+        found = data.get("datasets")
+        for name in [found] if isinstance(found, str) else found if isinstance(found, list) else []:
+            if isinstance(name, str):
+                datasets[name] = None
+    agreed = licenses[0] if licenses and licenses[0] and all(x == licenses[0] for x in licenses) else None
+    return agreed, list(datasets) or None
+
+
+def _hub_card_data(repo_id: str, revision: str | None, *, token: str | bool | None) -> dict | None:
+    from huggingface_hub import ModelCard, hf_hub_download
+
+    try:
+        path = hf_hub_download(repo_id, CARD_NAME, revision=revision, token=token)
+        return ModelCard.load(path, ignore_metadata_errors=True).data.to_dict()
+    except Exception as exc:  # noqa: BLE001 - a missing or unreadable card only leaves the license unknown
+        logger.debug("no card metadata for %s: %s", repo_id, type(exc).__name__)
+        return None
+
+
 def render_card(
     recipe: WarmRecipe,
     *,
@@ -41,6 +277,8 @@ def render_card(
     model_name: str | None = None,
     license: str | None = None,
     datasets: list[str] | None = None,
+    eval_results: EvalResults | None = None,
+    eval_plot: str | None = None,
 ):
     """Render the model card of a merge.
 
@@ -50,6 +288,8 @@ def render_card(
         model_name: the card's title (defaults to the repo name).
         license: a license id, when every ingredient has the same one.
         datasets: preference datasets the members were trained on, when known.
+        eval_results: evaluation to show as a table and as `model-index` metadata.
+        eval_plot: file name of an evaluation plot in the same folder as the card.
 
     Returns:
         A `huggingface_hub.ModelCard`.
@@ -57,15 +297,18 @@ def render_card(
     from huggingface_hub import ModelCard, ModelCardData
 
     name = model_name or (repo_id.split("/")[-1] if repo_id else "warm-reward-model")
-    hub_ingredients = [i.source for i in recipe.ingredients if not i.local]
+    hub_ingredients = list(dict.fromkeys(i.source for i in recipe.ingredients if not i.local))
+    index = eval_results.eval_results(name) if eval_results else []
     card_data = ModelCardData(
         base_model=hub_ingredients or None,
+        base_model_relation="merge",
         library_name="transformers",
         pipeline_tag="text-classification",
         tags=list(TAGS),
         license=license,
-        datasets=datasets,
-        base_model_relation="merge",
+        datasets=datasets or None,
+        model_name=name if index else None,
+        eval_results=index or None,
     )
     template = resources.files("warm_hub.cards").joinpath(TEMPLATE).read_text(encoding="utf-8")
     return ModelCard.from_template(
@@ -78,18 +321,110 @@ def render_card(
         recipe_yaml=recipe.to_yaml(),
         tool_version=recipe.tool_version,
         command=reproduce_command(recipe, out=name),
-        eval_rows=None,
-        eval_splits=[],
-        eval_plot=None,
+        eval_rows=eval_results.rows(name) if eval_results else None,
+        eval_splits=list(eval_results.splits) if eval_results else [],
+        eval_dataset=(eval_results.dataset_name if eval_results else None),
+        eval_plot=eval_plot,
     )
 
 
-def write_card(folder: Path, *, repo_id: str | None = None, **kwargs) -> Path:
-    """Render the card of the merge output in `folder` and save it as its README.md."""
+def write_card(
+    folder: str | os.PathLike,
+    *,
+    repo_id: str | None = None,
+    model_name: str | None = None,
+    eval_results: str | os.PathLike | EvalResults | None = None,
+    license: str | None = None,
+    datasets: list[str] | None = None,
+    token: str | bool | None = None,
+) -> Path:
+    """Render the card of the merge output in `folder` and save it as its README.md.
+
+    Evaluation results given as a file are copied into the folder as `eval_results.json` (with their plot), so
+    that later refreshes (for example when pushing) keep them; without `eval_results`, that file is used when
+    present. License and datasets come from the ingredients' Hub cards, or else from the card being replaced.
+
+    Args:
+        folder: a merge output folder (with its `warm_recipe.yaml`).
+        repo_id: the Hub repo the model is (or will be) pushed to.
+        model_name: the title; defaults to the repo name, else the folder name.
+        eval_results: an eval-results JSON file or `EvalResults`.
+        license: overrides the license found in the ingredients' cards.
+        datasets: overrides the datasets found in the ingredients' cards.
+        token: Hub token to read the ingredients' cards (private repos).
+
+    Returns:
+        The path of the written README.md.
+
+    Raises:
+        IncompleteOutputError: `folder` has no recipe.
+        InvalidOptionError: the eval-results file is malformed.
+    """
     folder = Path(folder)
+    recipe = WarmRecipe.load(folder)
+    previous = _previous_card_data(folder / CARD_NAME)
+    if license is None or datasets is None:
+        found_license, found_datasets = ingredient_metadata(recipe.ingredients, token=token)
+        license = license or found_license or previous.get("license")
+        datasets = datasets or found_datasets or _as_list(previous.get("datasets"))
+    results, plot = _adopt_eval_results(folder, eval_results)
+    name = model_name or (repo_id.split("/")[-1] if repo_id else _folder_name(folder))
     card = render_card(
-        WarmRecipe.load(folder), repo_id=repo_id, model_name=kwargs.pop("model_name", None) or folder.name, **kwargs
+        recipe,
+        repo_id=repo_id,
+        model_name=name,
+        license=license,
+        datasets=datasets,
+        eval_results=results,
+        eval_plot=plot,
     )
     path = folder / CARD_NAME
     card.save(path)
     return path
+
+
+def _folder_name(folder: Path) -> str:
+    return folder.name.removesuffix(".warm-hub-partial")
+
+
+def _as_list(value: object) -> list[str] | None:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, str)] or None
+    return None
+
+
+def _previous_card_data(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    from huggingface_hub import ModelCard
+
+    try:
+        return ModelCard.load(path, ignore_metadata_errors=True).data.to_dict()
+    except Exception:  # noqa: BLE001 - a hand-edited card we cannot parse is simply replaced
+        return {}
+
+
+def _adopt_eval_results(
+    folder: Path, given: str | os.PathLike | EvalResults | None
+) -> tuple[EvalResults | None, str | None]:
+    """Load the eval results, keeping a copy (and one of the plot) in `folder`; return them and the plot's name."""
+    target = folder / EVAL_RESULTS_NAME
+    if given is None:
+        if not target.is_file():
+            return None, None
+        given = target
+    results = given if isinstance(given, EvalResults) else EvalResults.load(given)
+    plot = results.plot
+    if plot is not None and (plot.suffix.lower() not in PLOT_SUFFIXES or not plot.is_file()):
+        logger.warning("evaluation plot %s not found (or not an image); the card shows the table only", plot.name)
+        plot = None
+    if plot is not None and plot.resolve() != (folder / plot.name).resolve():
+        shutil.copyfile(plot, folder / plot.name)
+    # The folder's copy names the plot beside it, so a later refresh (e.g. when pushing) finds both.
+    raw = results.raw or results.to_dict()
+    data = dict(raw, plot=plot.name) if plot is not None else {k: v for k, v in raw.items() if k != "plot"}
+    if not target.is_file() or json.loads(target.read_text(encoding="utf-8")) != data:
+        target.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    return results, plot.name if plot is not None else None

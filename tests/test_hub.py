@@ -1,0 +1,353 @@
+"""Merging ingredients from a Hub (the loopback `hub_server`): pinning, streaming, auth, faults, offline mode."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from pathlib import Path
+
+import pytest
+import yaml
+
+import warm_hub
+import warm_hub.hub_source as hub_source
+from warm_hub.errors import CheckpointFormatError, InvalidOptionError, PickleCheckpointError, SourceNotFoundError
+from warm_hub.hub import HubAccessError, HubOfflineError, HubSource, HubTransferError, parse_reference
+from warm_hub.sources import open_source
+from warm_hub.testing.checkpoints import make_members
+
+# The merge function, resolved the package's way: an earlier `from warm_hub.merge import ...` (the CLI and the demo
+# do one) leaves the submodule as the attribute `warm_hub.merge`; `__getattr__` puts the function back.
+merge = warm_hub.__getattr__("merge")
+
+TOKEN = "hf_warmhubTESTtoken0123456789abcdef"
+SHA = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture(scope="module")
+def members(tmp_path_factory) -> list[Path]:
+    """Three members of one init, sharded differently (single file, 6 shards, 2 shards)."""
+    return make_members(tmp_path_factory.mktemp("members"), count=3, shard_sizes=[None, "20KB", "60KB"])
+
+
+@pytest.fixture(scope="module")
+def local_merge(members, tmp_path_factory) -> dict[str, str]:
+    """Shard sha256s of the same merge made from the local folders: what every Hub merge must reproduce."""
+    return merge(members, tmp_path_factory.mktemp("local") / "warm").shards
+
+
+@pytest.fixture
+def fast_retries(monkeypatch):
+    monkeypatch.setattr(hub_source, "BACKOFF_BASE", 0.01)
+    monkeypatch.setattr(hub_source, "BACKOFF_MAX", 0.05)
+    monkeypatch.setattr(hub_source, "MAX_RETRIES", 3)
+
+
+@pytest.fixture
+def hub(hub_server, members):
+    """org/a, org/b, org/c holding the three members (uploaded server-side); returns (server, commit shas)."""
+    shas = [hub_server.upload_folder(f"org/{name}", path) for name, path in zip("abc", members, strict=True)]
+    return hub_server, shas
+
+
+def error_line(stderr: str) -> str:
+    """The CLI's error: one line, the last one (INFO/WARNING lines from the library may come before it)."""
+    lines = stderr.strip().splitlines()
+    assert lines and sum(line.startswith("Error: ") for line in lines) == 1, stderr
+    return lines[-1]
+
+
+def partial_folder(out: Path) -> Path:
+    return out.parent / (out.name + ".warm-hub-partial")
+
+
+def recipe_of(folder: Path) -> dict:
+    return yaml.safe_load((folder / "warm_recipe.yaml").read_text())
+
+
+def cached_weight_files(home: Path) -> list[Path]:
+    return [p for p in (home / "hub").rglob("*.safetensors")] if (home / "hub").exists() else []
+
+
+def test_round_trip_upload_merge_by_repo_id_push_and_load(hub_server, members, local_merge, tmp_path):
+    from huggingface_hub import HfApi, constants
+    from transformers import AutoModelForSequenceClassification
+
+    hub_server.add_token(TOKEN, user="alice")
+    api = HfApi(token=TOKEN)
+    shas = []
+    for name, path in zip("abc", members, strict=True):
+        api.create_repo(f"org/{name}", exist_ok=True)
+        shas.append(api.upload_folder(repo_id=f"org/{name}", folder_path=path).oid)
+
+    sources = ["org/a", "org/b@main", f"hf://org/c@{shas[2]}"]
+    result = merge(sources, tmp_path / "warm", push_to="org/warm", token=TOKEN)
+
+    assert result.shards == local_merge
+    recipe = recipe_of(result.out)
+    assert [(i["source"], i["revision"], i["local"]) for i in recipe["ingredients"]] == [
+        ("org/a", shas[0], False),
+        ("org/b", shas[1], False),
+        ("org/c", shas[2], False),
+    ]
+    # Bounded disk: the weights were streamed with Range requests, never written to the cache.
+    assert not cached_weight_files(Path(constants.HF_HOME))
+    blob_reads = [r for r in hub_server.requests if r.server == "cdn" and r.method == "GET"]
+    assert blob_reads and all(r.range for r in blob_reads)
+    assert hub_server.cdn_auth_leaks == 0
+
+    assert result.url and result.url.startswith(hub_server.url + "/org/warm/commit/")
+    model, info = AutoModelForSequenceClassification.from_pretrained("org/warm", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    pushed = hub_server.files("org/warm")
+    assert {"README.md", "config.json", "warm_recipe.yaml", *local_merge} <= set(pushed)
+    assert 'model_id = "org/warm"' in pushed["README.md"].decode()
+
+
+@pytest.mark.parametrize(
+    ("text", "repo_id", "revision"),
+    [
+        ("org/name", "org/name", None),
+        ("org/name@v1.0", "org/name", "v1.0"),
+        ("org/name@refs/pr/3", "org/name", "refs/pr/3"),
+        ("hf://org/name", "org/name", None),
+        (f"hf://org/name@{SHA}", "org/name", SHA),
+        ("hf://models/org/name@dev", "org/name", "dev"),
+    ],
+)
+def test_parse_reference(text, repo_id, revision):
+    reference = parse_reference(text)
+    assert (reference.repo_id, reference.revision) == (repo_id, revision)
+
+
+@pytest.mark.parametrize("text", ["hf://datasets/org/data", "hf://org/name@main/config.json", "org/name@", "a/b/c"])
+def test_parse_reference_rejects_what_is_not_a_model_repo(text):
+    with pytest.raises(InvalidOptionError):
+        parse_reference(text)
+
+
+def test_branch_tag_and_sha_pin_to_one_commit(hub):
+    server, shas = hub
+    server.tag("org/a", "v1")
+    newer = server.upload("org/a", {"notes.txt": b"later"}, message="later")
+    assert HubSource("org/a", revision="v1").revision == shas[0]
+    assert HubSource("org/a", revision=shas[0][:10]).revision == shas[0]
+    assert HubSource("org/a").revision == newer
+    assert isinstance(open_source("org/a@v1"), HubSource)
+
+
+def test_a_commit_pushed_mid_merge_does_not_change_what_is_read(hub, members, local_merge, tmp_path):
+    server, shas = hub
+    # Once org/a is pinned, before any of its bytes are read (and again once weights flow), main moves on.
+    other = make_members(tmp_path / "other", count=2, init_seed=7)
+    server.on_request(lambda: server.upload_folder("org/a", other[0], message="retrain"), path="/api/models/org/c")
+    server.on_request(lambda: server.upload_folder("org/a", other[1], message="again"), path="/blobs/")
+
+    result = merge(["org/a", "org/b", "org/c"], tmp_path / "warm")
+
+    assert server.head("org/a") != shas[0]
+    assert result.shards == local_merge
+    assert recipe_of(result.out)["ingredients"][0]["revision"] == shas[0]
+
+
+def test_private_repo_needs_a_token_and_never_shows_it(hub_server, members, local_merge, tmp_path, run_cli, caplog):
+    hub_server.create_repo("org/private", private=True)
+    hub_server.upload_folder("org/private", members[0])
+    hub_server.upload_folder("org/b", members[1])
+    hub_server.upload_folder("org/c", members[2])
+    hub_server.add_token(TOKEN, user="alice")
+    caplog.set_level(logging.DEBUG)
+
+    code, out, err = run_cli("merge", "org/private", "org/b", "org/c", "--out", tmp_path / "warm")
+    assert code == 1
+    assert error_line(err).startswith("Error: org/private: repository not found") and "HF_TOKEN" in err
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("HF_TOKEN", TOKEN)
+        code, out, err = run_cli("merge", "org/private", "org/b", "org/c", "--out", tmp_path / "warm")
+        assert code == 0, err
+    assert merge(members, tmp_path / "check").shards == local_merge
+
+    written = [p for p in (tmp_path / "warm").rglob("*") if p.is_file()]
+    assert written and not any(TOKEN.encode() in p.read_bytes() for p in written)
+    assert TOKEN not in out + err + caplog.text
+    assert all(not r.authenticated for r in hub_server.requests if r.server == "cdn")
+
+
+def test_gated_repo_without_access_says_what_to_do(hub_server, members, tmp_path):
+    hub_server.create_repo("org/gated", gated=True)
+    hub_server.upload_folder("org/gated", members[0])
+    hub_server.add_token(TOKEN, user="alice")
+
+    with pytest.raises(HubAccessError, match="gated repo.*accept its conditions.*HF_TOKEN"):
+        HubSource("org/gated")
+    with pytest.raises(HubAccessError, match="your token has no access yet"):
+        HubSource("org/gated", token=TOKEN)
+    hub_server.grant("org/gated", "alice")
+    assert HubSource("org/gated", token=TOKEN).revision == hub_server.head("org/gated")
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("org/missing", "org/missing: repository not found on the Hub"),
+        ("org/a@nope", "org/a has no revision 'nope'"),
+        ("org/a@0123456789abcdef0123456789abcdef01234567", "org/a has no revision '0123456789abcdef"),
+        ("org/pickle", "only pickle weights (pytorch_model.bin)"),
+        ("org/empty", "no safetensors weights found"),
+    ],
+)
+def test_clear_one_line_errors(hub, tmp_path, run_cli, source, message):
+    server, _ = hub
+    server.upload("org/pickle", {"config.json": b"{}", "pytorch_model.bin": b"\x80\x02not really"})
+    server.upload("org/empty", {"README.md": b"# nothing here\n"})
+
+    code, out, err = run_cli("merge", source, "org/b", "--out", tmp_path / "warm")
+
+    assert code == 1
+    assert error_line(err).startswith("Error: ") and message in error_line(err)
+    assert not (tmp_path / "warm").exists() and not partial_folder(tmp_path / "warm").exists()
+
+
+def test_missing_shard_named_by_the_index_is_a_format_error(hub_server, members):
+    files = {p.name: p for p in members[1].iterdir()}
+    del files["model-00002-of-00006.safetensors"]
+    hub_server.upload("org/broken", files)
+    with pytest.raises(CheckpointFormatError, match="model-00002-of-00006.safetensors' is missing"):
+        merge(["org/broken", "org/broken"], "/nonexistent/never-written")
+
+
+def test_dropped_connections_and_server_errors_are_retried(hub, local_merge, tmp_path, fast_retries, monkeypatch):
+    server, _ = hub
+    monkeypatch.setattr(hub_source, "READ_AHEAD", 1024)  # one request per tensor: faults hit mid-merge
+    server.drop(after_bytes=700, times=4, path="/blobs/")
+    server.fail(status=503, times=2, path="/blobs/")
+    server.fail(status=502, times=1, path="/resolve/")
+
+    result = merge(["org/a", "org/b", "org/c"], tmp_path / "warm")
+
+    assert result.shards == local_merge
+    assert not server.faults  # every injected fault fired
+    assert any(r.status == 503 for r in server.requests)
+
+
+def test_a_stalled_response_times_out_and_is_retried(hub, local_merge, tmp_path, fast_retries, monkeypatch):
+    server, _ = hub
+    monkeypatch.setattr(hub_source, "READ_TIMEOUT", 0.3)
+    server.slow(seconds=1.0, times=1, path="/blobs/")
+    assert merge(["org/a", "org/b", "org/c"], tmp_path / "warm").shards == local_merge
+
+
+def test_an_expired_signed_location_is_resolved_again(hub, fast_retries, monkeypatch):
+    server, _ = hub
+    monkeypatch.setattr(hub_source, "READ_AHEAD", 1024)
+    source = HubSource("org/a")
+    buffer = bytearray(4096)
+    source.read_into("model.safetensors", 0, memoryview(buffer))  # caches the CDN location
+    server.fail(status=403, times=1, path="/blobs/")
+    again = bytearray(4096)
+    source.read_into("model.safetensors", 4096, memoryview(again))
+    resolves = [r for r in server.requests if r.path.endswith("/resolve/" + source.revision + "/model.safetensors")]
+    assert len(resolves) == 2
+    assert again == server.files("org/a")["model.safetensors"][4096:8192]
+
+
+def test_persistent_failure_is_one_clear_line_and_resume_continues(hub, local_merge, tmp_path, run_cli, monkeypatch):
+    server, _ = hub
+    monkeypatch.setattr(hub_source, "BACKOFF_BASE", 0.01)
+    monkeypatch.setattr(hub_source, "MAX_RETRIES", 2)
+    monkeypatch.setattr(hub_source, "READ_AHEAD", 1024)
+    # The network goes down for good after 20 weight reads.
+    served = itertools.count()
+
+    def outage() -> None:
+        if next(served) == 20:
+            server.fail(status=500, times=10_000, path="/blobs/")
+
+    server.on_request(outage, path="/blobs/", times=10_000)
+
+    out = tmp_path / "warm"
+    code, stdout, err = run_cli("merge", "org/a", "org/b", "org/c", "--out", out, "--max-memory", "1MB")
+    assert code == 1
+    assert error_line(err).startswith("Error: org/") and "rerun with --resume" in error_line(err)
+    assert partial_folder(out).is_dir() and not out.exists()
+
+    server.clear_faults()
+    result = merge(["org/a", "org/b", "org/c"], out, resume=True, max_memory="1MB")
+    assert result.resumed_chunks > 0
+    assert result.shards == local_merge
+
+
+def test_offline_mode_reads_an_earlier_download_from_the_cache(hub, local_merge, tmp_path, monkeypatch):
+    from huggingface_hub import constants, snapshot_download
+
+    server, shas = hub
+    for name in "abc":
+        snapshot_download(f"org/{name}")  # the earlier download
+    before = len(server.requests)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+    result = merge(["org/a", "org/b@main", f"org/c@{shas[2]}"], tmp_path / "warm")
+
+    assert result.shards == local_merge
+    assert len(server.requests) == before  # not a single request
+    assert [i["revision"] for i in recipe_of(result.out)["ingredients"]] == shas
+
+
+def test_offline_mode_without_the_weights_in_the_cache_says_so(hub, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    merge(["org/a", "org/b"], tmp_path / "streamed")  # caches config and tokenizer, not weights
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(HubOfflineError, match=r"HF_HUB_OFFLINE=1 .*hf download org/a"):
+        HubSource("org/a")
+    with pytest.raises(HubOfflineError, match="org/missing.*HF_HUB_OFFLINE"):
+        HubSource("org/missing")
+
+
+def test_weights_already_in_the_cache_are_not_fetched_again(hub, local_merge, tmp_path):
+    from huggingface_hub import snapshot_download
+
+    server, _ = hub
+    for name in "abc":
+        snapshot_download(f"org/{name}")
+    server.requests.clear()
+    assert merge(["org/a", "org/b", "org/c"], tmp_path / "warm").shards == local_merge
+    assert not [r for r in server.requests if r.server == "cdn"]
+
+
+def test_download_strategy_gives_the_same_bytes_and_cleans_up(hub, local_merge, tmp_path, monkeypatch):
+    server, _ = hub
+    monkeypatch.setattr(hub_source, "READ_AHEAD", 1024)  # tensor reads large enough to trigger shard downloads
+    sources = [HubSource(f"org/{name}", strategy="download") for name in "abc"]
+    result = merge(sources, tmp_path / "warm")
+    assert result.shards == local_merge
+    assert all(s._tmp is None for s in sources)  # temporary shards removed on close
+
+
+def test_no_request_ever_sends_a_token_to_the_cdn(hub, tmp_path, monkeypatch):
+    server, _ = hub
+    server.add_token(TOKEN)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    merge(["org/a", "org/b", "org/c"], tmp_path / "warm")
+    assert any(r.authenticated for r in server.requests if r.server == "hub")
+    assert server.cdn_auth_leaks == 0
+
+
+def test_unreachable_hub_is_a_clear_error(members, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # discard port: connection refused
+    with pytest.raises(HubTransferError, match="network error.*check your connection"):
+        HubSource("org/a")
+
+
+def test_pickle_error_names_the_repo(hub_server):
+    hub_server.upload("org/bin", {"pytorch_model.bin": b"x", "config.json": b"{}"})
+    with pytest.raises(PickleCheckpointError, match="org/bin"):
+        merge(["org/bin", "org/bin"], "/nonexistent/never-written")
+
+
+def test_not_found_is_a_source_not_found_error(hub_server):
+    with pytest.raises(SourceNotFoundError):
+        HubSource("org/nothing")

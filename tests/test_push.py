@@ -1,0 +1,172 @@
+"""Pushing merge outputs to the loopback Hub: one atomic commit, refusal of incomplete folders, failures."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+import warm_hub
+from warm_hub.errors import IncompleteOutputError
+from warm_hub.hub import HubAccessError, HubTransferError, check_merge_output, push_to_hub
+from warm_hub.testing.checkpoints import make_members
+
+# The merge function, resolved the package's way: an earlier `from warm_hub.merge import ...` (the CLI and the demo
+# do one) leaves the submodule as the attribute `warm_hub.merge`; `__getattr__` puts the function back.
+merge = warm_hub.__getattr__("merge")
+
+TOKEN = "hf_pushTESTtoken_abcdefghijklmnop"
+
+
+@pytest.fixture(scope="module")
+def merged(tmp_path_factory) -> Path:
+    """A complete merge output (sharded, so the index is part of it)."""
+    root = tmp_path_factory.mktemp("push")
+    members = make_members(root / "members", count=2)
+    return merge(members, root / "warm", shard_size="40KB").out
+
+
+@pytest.fixture
+def output(merged, tmp_path) -> Path:
+    """A fresh copy of the merge output that a test may damage."""
+    return Path(shutil.copytree(merged, tmp_path / "warm"))
+
+
+@pytest.fixture
+def authed(hub_server, monkeypatch):
+    hub_server.add_token(TOKEN, user="alice")
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    return hub_server
+
+
+def error_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert lines and sum(line.startswith("Error: ") for line in lines) == 1, stderr
+    return lines[-1]
+
+
+def test_push_is_one_commit_with_every_file_and_the_card_names_the_repo(authed, output, run_cli):
+    code, out, err = run_cli("push", output, "alice/warm-rm", "--private")
+    assert code == 0, err
+    assert "alice/warm-rm" in out and "/commit/" in out
+
+    repo = authed.repos["alice/warm-rm"]
+    assert repo.private
+    assert len(repo.commits) == 2  # the repo's initial commit, then exactly one with everything
+    files = authed.files("alice/warm-rm")
+    local = {p.name: p.read_bytes() for p in output.iterdir() if p.is_file()}
+    assert {name: files[name] for name in local} == local
+    assert 'model_id = "alice/warm-rm"' in files["README.md"].decode()
+    assert TOKEN.encode() not in b"".join(files.values())
+    assert authed.cdn_auth_leaks == 0
+
+
+def test_pushed_model_loads_by_repo_id(authed, output):
+    from transformers import AutoModelForSequenceClassification
+
+    url = push_to_hub(output, "alice/warm-rm")
+    assert url == f"{authed.url}/alice/warm-rm/commit/{authed.head('alice/warm-rm')}"
+    model, info = AutoModelForSequenceClassification.from_pretrained("alice/warm-rm", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+
+
+def test_merge_push_to_from_the_cli(authed, tmp_path, run_cli):
+    members = make_members(tmp_path / "members", count=2)
+    code, out, err = run_cli("merge", *members, "--out", tmp_path / "warm", "--push-to", "alice/cli-warm")
+    assert code == 0, err
+    assert "Pushed: " in out
+    assert "model.safetensors" in authed.files("alice/cli-warm")
+
+
+def damage_missing_shard(folder: Path) -> None:
+    next(folder.glob("model-*.safetensors")).unlink()
+
+
+def damage_altered_shard(folder: Path) -> None:
+    shard = next(folder.glob("model-*.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1
+    shard.write_bytes(bytes(data))
+
+
+def damage_no_recipe(folder: Path) -> None:
+    (folder / "warm_recipe.yaml").unlink()
+
+
+def damage_no_config(folder: Path) -> None:
+    (folder / "config.json").unlink()
+
+
+def damage_partial(folder: Path) -> None:
+    (folder / ".warm-hub-journal").write_text('{"fingerprint": "x", "chunk": 4096}\n')
+
+
+def damage_no_index(folder: Path) -> None:
+    (folder / "model.safetensors.index.json").unlink()
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (damage_missing_shard, "listed in warm_recipe.yaml is missing"),
+        (damage_altered_shard, "does not match the sha256 in warm_recipe.yaml"),
+        (damage_no_recipe, "no warm_recipe.yaml; not a warm-hub merge output"),
+        (damage_no_config, "config.json is missing"),
+        (damage_partial, "unfinished merge"),
+        (damage_no_index, "model.safetensors.index.json is missing"),
+    ],
+)
+def test_push_refuses_an_incomplete_output_before_any_request(authed, output, run_cli, damage, message):
+    damage(output)
+    with pytest.raises(IncompleteOutputError, match=message):
+        check_merge_output(output)
+    code, out, err = run_cli("push", output, "alice/warm-rm")
+    assert code == 1 and message in error_line(err)
+    assert authed.requests == [] and "alice/warm-rm" not in authed.repos
+
+
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [("/commit/", 500), ("/commit/", None), ("/upload/", 400), ("/objects/batch", 422)],
+)
+def test_a_failed_push_leaves_the_remote_as_it_was(authed, output, path, status):
+    authed.upload("alice/warm-rm", {"README.md": b"# v1\n", "config.json": b"{}"}, message="v1")
+    before = authed.head("alice/warm-rm")
+    if status is None:
+        authed.drop(times=100, path=path, method="POST")  # the connection drops before the Hub commits
+    else:
+        authed.fail(status=status, times=100, path=path)
+
+    with pytest.raises(HubTransferError, match="the commit is atomic.*warm-hub push warm alice/warm-rm"):
+        push_to_hub(output, "alice/warm-rm")
+
+    assert authed.head("alice/warm-rm") == before
+    assert authed.files("alice/warm-rm") == {
+        ".gitattributes": authed.files("alice/warm-rm")[".gitattributes"],
+        "README.md": b"# v1\n",
+        "config.json": b"{}",
+    }
+
+
+def test_dropped_uploads_are_retried(authed, output):
+    authed.drop(times=1, path="/upload/", method="PUT")
+    push_to_hub(output, "alice/warm-rm")
+    assert not authed.faults
+    assert set(check_merge_output(output)[1]) <= set(authed.files("alice/warm-rm"))
+
+
+def test_push_without_a_token_or_without_write_access(hub_server, output):
+    with pytest.raises(HubAccessError, match="without a token: log in with `hf auth login` or set HF_TOKEN"):
+        push_to_hub(output, "alice/warm-rm")
+    hub_server.create_repo("alice/locked", private=True)
+    with pytest.raises(HubAccessError, match="cannot push to alice/locked: your token has no write access"):
+        push_to_hub(output, "alice/locked", token="hf_revoked_token_abcdef")  # unknown to the Hub
+
+
+def test_push_to_an_existing_repo_adds_one_commit(authed, output):
+    push_to_hub(output, "alice/warm-rm")
+    (output / "README.md").write_text("# stale\n")  # refreshed from the recipe before pushing
+    push_to_hub(output, "alice/warm-rm", commit_message="again")
+    assert len(authed.repos["alice/warm-rm"].commits) == 2  # initial, then one: the unchanged files are skipped
+    assert b"# stale" not in authed.files("alice/warm-rm")["README.md"]
