@@ -49,7 +49,7 @@ for name, first in states[0].items():
 save_file(avg, out, metadata={"format": "pt"})
 """
 
-STARTUP = "import torch, warm_hub.merge, warm_hub.cli.merge"
+STARTUP = "import torch, warm_hub.merging, warm_hub.cli.merge"
 NAIVE_STARTUP = "import torch, safetensors.torch"
 
 MERGE = """

@@ -54,3 +54,11 @@ def test_version(run_cli):
 def test_unknown_command_is_a_usage_error(run_cli):
     code, _, err = run_cli("frobnicate")
     assert code == 2 and "No such command" in err
+
+
+def test_merge_stays_the_function_after_the_cli_imports_it(run_cli):
+    import warm_hub
+    import warm_hub.cli.merge  # noqa: F401
+    import warm_hub.merging  # noqa: F401
+
+    assert callable(warm_hub.merge) and warm_hub.merge.__name__ == "merge"

@@ -16,9 +16,7 @@ from warm_hub.hub import HubAccessError, HubOfflineError, HubSource, HubTransfer
 from warm_hub.sources import open_source
 from warm_hub.testing.checkpoints import make_members
 
-# The merge function, resolved the package's way: an earlier `from warm_hub.merge import ...` (the CLI and the demo
-# do one) leaves the submodule as the attribute `warm_hub.merge`; `__getattr__` puts the function back.
-merge = warm_hub.__getattr__("merge")
+merge = warm_hub.merge
 
 TOKEN = "hf_warmhubTESTtoken0123456789abcdef"
 SHA = "0123456789abcdef0123456789abcdef01234567"

@@ -12,9 +12,7 @@ from warm_hub.errors import IncompleteOutputError
 from warm_hub.hub import HubAccessError, HubTransferError, check_merge_output, push_to_hub
 from warm_hub.testing.checkpoints import make_members
 
-# The merge function, resolved the package's way: an earlier `from warm_hub.merge import ...` (the CLI and the demo
-# do one) leaves the submodule as the attribute `warm_hub.merge`; `__getattr__` puts the function back.
-merge = warm_hub.__getattr__("merge")
+merge = warm_hub.merge
 
 TOKEN = "hf_pushTESTtoken_abcdefghijklmnop"
 

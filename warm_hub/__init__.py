@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "merge": "warm_hub.merge",
-    "MergeResult": "warm_hub.merge",
+    "merge": "warm_hub.merging",
+    "MergeResult": "warm_hub.merging",
     "inspect_ingredients": "warm_hub.inspect",
     "average_state_dicts": "warm_hub.in_memory",
     "average_models": "warm_hub.in_memory",
@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .hub import push_to_hub  # noqa: F401
     from .in_memory import average_models, average_state_dicts  # noqa: F401
     from .inspect import inspect_ingredients  # noqa: F401
-    from .merge import MergeResult, merge  # noqa: F401
+    from .merging import MergeResult, merge  # noqa: F401
     from .reward_model import RewardModel  # noqa: F401
 
 

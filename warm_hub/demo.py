@@ -220,7 +220,7 @@ def _run_demo(config: DemoConfig, *, tqdm_class) -> DemoResult:
     from .data.reviews import IN_DISTRIBUTION, SHIFTED, preference_pairs, pretraining_corpus
     from .evaluate import EVAL_RESULTS_NAME, evaluate_models, load_split, save_results
     from .finetune import FinetuneConfig, finetune
-    from .merge import merge
+    from .merging import merge
 
     if tqdm_class is None:
         from huggingface_hub.utils import tqdm as tqdm_class

@@ -74,11 +74,20 @@ def _log_to_stderr() -> None:
     """Library warnings and notes (`warm_hub.*` loggers) reach the user as plain lines on stderr."""
     import logging
 
+    class StderrHandler(logging.StreamHandler):
+        # Looks sys.stderr up at each write: it may have been replaced since (pytest's capture, a caller).
+        @property
+        def stream(self):
+            return sys.stderr
+
+        @stream.setter
+        def stream(self, value) -> None:
+            pass
+
     logger = logging.getLogger("warm_hub")
-    if not any(getattr(h, "_warm_hub", False) for h in logger.handlers):
-        handler = logging.StreamHandler()
+    if not any(type(h).__name__ == "StderrHandler" for h in logger.handlers):
+        handler = StderrHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-        handler._warm_hub = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
 

@@ -58,7 +58,7 @@ def merge_command(
     private: bool | None,
 ) -> None:
     """Average reward models SOURCES (local folders or Hub repo ids) into one WARM checkpoint."""
-    from warm_hub.merge import merge
+    from warm_hub.merging import merge
     from warm_hub.sizes import format_size
 
     result = merge(

@@ -197,7 +197,7 @@ def merge(
             digests = _run_engine(plan, opened, partial, journal, torch_device, allow_non_finite, tqdm_class)
             journal.close()
             try:
-                _write_side_files(plan, opened, configs, partial, digests, dtype)
+                _write_side_files(plan, opened, configs, partial, digests, token=token)
             except OSError as exc:
                 if exc.errno in DISK_FULL_ERRNOS:
                     raise disk_full(exc, partial) from None
@@ -249,7 +249,8 @@ def _write_side_files(
     configs: list[dict | None],
     folder: Path,
     digests: dict[str, str],
-    dtype: str | None,
+    *,
+    token: str | bool | None,
 ) -> None:
     """Index, config, tokenizer files, recipe and card: everything but the weights."""
     from .card import write_card
@@ -285,7 +286,7 @@ def _write_side_files(
         tool_version=__version__,
     )
     recipe.save(folder)
-    write_card(folder, model_name=folder.name.removesuffix(PARTIAL_SUFFIX))
+    write_card(folder, model_name=folder.name.removesuffix(PARTIAL_SUFFIX), token=token)
 
 
 def _publish(partial: Path, out: Path) -> None:
