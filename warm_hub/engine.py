@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub.utils import logging
 
 from .averaging import weighted_average_into
 from .errors import (
@@ -32,14 +33,7 @@ from .safetensors_io import itemsize, torch_dtype
 from .sizes import format_size
 from .sources import IngredientSource
 
-try:
-    from huggingface_hub.utils import logging
-
-    logger = logging.get_logger(__name__)
-except ImportError:  # pragma: no cover
-    import logging
-
-    logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 PIPELINE_DEPTH = 3  # one chunk being read, one averaged, one written
 MAX_CHUNK_ELEMENTS = 8 * 1024 * 1024

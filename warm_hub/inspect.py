@@ -16,7 +16,7 @@ from .checkpoint import Checkpoint, read_checkpoint
 from .configs import config_differences, config_problems, load_config
 from .plan import find_incompatibilities
 from .safetensors_io import is_floating, itemsize, torch_dtype
-from .sources import IngredientSource, open_source
+from .sources import IngredientSource, open_sources
 
 DISTANCE_CHUNK_ELEMENTS = 1024 * 1024
 
@@ -93,11 +93,7 @@ def inspect_ingredients(
         WarmHubError: a source is missing or malformed (before any comparison can be made).
     """
     with contextlib.ExitStack() as stack:
-        opened = []
-        for source in sources:
-            if not isinstance(source, IngredientSource):
-                source = open_source(os.fspath(source), token=token)
-            opened.append(stack.enter_context(source))
+        opened = open_sources(sources, stack, token=token)
         checkpoints = [read_checkpoint(s) for s in opened]
         configs = [load_config(s) for s in opened]
         labels = [c.label for c in checkpoints]

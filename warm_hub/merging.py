@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from huggingface_hub.utils import logging
+
 from . import __version__
 from .checkpoint import read_checkpoint
 from .configs import CONFIG_NAME, config_differences, config_problems, load_config
@@ -32,16 +34,9 @@ from .journal import JOURNAL_NAME, ResumeJournal
 from .plan import DEFAULT_SHARD_SIZE, MergePlan, plan_merge
 from .recipe import Ingredient, WarmRecipe
 from .sizes import parse_size
-from .sources import SAFE_INDEX, TOKENIZER_FILES, IngredientSource, open_source
+from .sources import SAFE_INDEX, TOKENIZER_FILES, IngredientSource, open_sources
 
-try:
-    from huggingface_hub.utils import logging
-
-    logger = logging.get_logger(__name__)
-except ImportError:  # pragma: no cover
-    import logging
-
-    logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 DEFAULT_MAX_MEMORY = 512 * 10**6
 PARTIAL_SUFFIX = ".warm-hub-partial"
@@ -167,11 +162,7 @@ def merge(
     torch_device = resolve_device(device)
 
     with contextlib.ExitStack() as stack:
-        opened = []
-        for source in sources:
-            if not isinstance(source, IngredientSource):
-                source = open_source(os.fspath(source), token=token)
-            opened.append(stack.enter_context(source))
+        opened = open_sources(sources, stack, token=token)
         checkpoints = [read_checkpoint(s) for s in opened]
         labels = [s.label for s in opened]
         configs = [load_config(s) for s in opened]

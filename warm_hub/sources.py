@@ -6,10 +6,12 @@ A source gives byte ranges of its weight files and local paths of its small file
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from pathlib import Path
 
 from .errors import CheckpointFormatError, PickleCheckpointError, SourceNotFoundError
@@ -229,3 +231,18 @@ def open_source(text: str, *, token: str | bool | None = None) -> IngredientSour
 
         return HubSource.from_reference(text, token=token)
     return LocalSource(text)
+
+
+def open_sources(
+    sources: Iterable[str | os.PathLike | IngredientSource],
+    stack: contextlib.ExitStack,
+    *,
+    token: str | bool | None = None,
+) -> list[IngredientSource]:
+    """Open every source (paths and repo ids via `open_source`), each closed when `stack` closes."""
+    opened = []
+    for source in sources:
+        if not isinstance(source, IngredientSource):
+            source = open_source(os.fspath(source), token=token)
+        opened.append(stack.enter_context(source))
+    return opened

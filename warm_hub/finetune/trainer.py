@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from huggingface_hub.utils import logging
+
 from ..errors import InvalidOptionError, OutputExistsError
 from .config import RUN_CONFIG_NAME, SHARED_INIT_DIR, FinetuneConfig, MemberConfig
 from .data import (
@@ -24,14 +26,7 @@ from .data import (
 from .progress import progress_callback, quiet_transformers
 from .publish import push_members, write_member_card
 
-try:
-    from huggingface_hub.utils import logging
-
-    logger = logging.get_logger(__name__)
-except ImportError:  # pragma: no cover
-    import logging
-
-    logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 # Config keys that hold a dropout probability, across the common architectures (Llama/Qwen/Mistral have only
 # attention_dropout; GPT-2 has the *_pdrop trio; BERT-likes the *_prob pair).
