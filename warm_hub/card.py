@@ -16,17 +16,12 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from huggingface_hub.utils import logging
+
 from .errors import InvalidOptionError
 from .recipe import Ingredient, WarmRecipe
 
-try:
-    from huggingface_hub.utils import logging
-
-    logger = logging.get_logger(__name__)
-except ImportError:  # pragma: no cover
-    import logging
-
-    logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 TEMPLATE = "warm_model_card.md.jinja"
 CARD_NAME = "README.md"

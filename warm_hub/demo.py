@@ -11,16 +11,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from huggingface_hub.utils import logging
+
 from .errors import OutputExistsError
 
-try:
-    from huggingface_hub.utils import logging
-
-    logger = logging.get_logger(__name__)
-except ImportError:  # pragma: no cover
-    import logging
-
-    logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
 SPLIT_FILES = {"in_distribution": "test_in_distribution.jsonl", "shifted": "test_shifted.jsonl"}

@@ -13,16 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub.utils import logging
+
 from .errors import InvalidOptionError
 
-try:
-    from huggingface_hub.utils import logging
-
-    logger = logging.get_logger(__name__)
-except ImportError:  # pragma: no cover
-    import logging
-
-    logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 EVAL_RESULTS_NAME = "eval_results.json"
 EVAL_FORMAT = "warm-hub-eval"

@@ -18,19 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
+from huggingface_hub.utils import logging
+
 from . import __version__
 from .errors import CheckpointFormatError, InvalidOptionError
 from .hub_errors import HubOfflineError, HubTransferError, hub_errors, translate
 from .sources import IngredientSource
 
-try:
-    from huggingface_hub.utils import logging
-
-    logger = logging.get_logger(__name__)
-except ImportError:  # pragma: no cover
-    import logging
-
-    logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 # Module settings rather than arguments: `open_source` builds sources from what a user typed. Tests lower them.
 STRATEGY = os.environ.get("WARM_HUB_PULL", "stream")  # "stream" (HTTP Range) or "download" (one shard at a time)

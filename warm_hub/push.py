@@ -9,6 +9,8 @@ import json
 import os
 from pathlib import Path
 
+from huggingface_hub.utils import logging
+
 from . import __version__
 from .errors import IncompleteOutputError
 from .hub_errors import LOGIN_HINT, HubAccessError, HubTransferError, has_token
@@ -16,14 +18,7 @@ from .journal import JOURNAL_NAME
 from .recipe import RECIPE_NAME, WarmRecipe
 from .sources import SAFE_INDEX
 
-try:
-    from huggingface_hub.utils import logging
-
-    logger = logging.get_logger(__name__)
-except ImportError:  # pragma: no cover
-    import logging
-
-    logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 PARTIAL_SUFFIX = ".warm-hub-partial"  # same as merge.PARTIAL_SUFFIX; not imported to keep torch out of `push`
 

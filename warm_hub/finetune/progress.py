@@ -6,14 +6,9 @@ from __future__ import annotations
 
 import contextlib
 
-try:
-    from huggingface_hub.utils import logging
+from huggingface_hub.utils import logging
 
-    logger = logging.get_logger(__name__)
-except ImportError:  # pragma: no cover
-    import logging
-
-    logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 
 def progress_callback(tqdm_class, desc: str):

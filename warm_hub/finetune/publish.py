@@ -7,16 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from huggingface_hub.utils import logging
+
 from .config import MEMBER_CONFIG_NAME, MemberConfig
 
-try:
-    from huggingface_hub.utils import logging
-
-    logger = logging.get_logger(__name__)
-except ImportError:  # pragma: no cover
-    import logging
-
-    logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 
 def write_member_card(path: Path, member: MemberConfig) -> None:
