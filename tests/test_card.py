@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from warm_hub.card import TAGS, EvalResults, write_card
+from warm_hub.card import MAX_CARD_BYTES, TAGS, EvalResults, read_front_matter, write_card
 from warm_hub.errors import InvalidOptionError
 from warm_hub.recipe import Ingredient, WarmRecipe
 
@@ -172,9 +172,9 @@ def test_which_entry_is_the_merged_model():
     assert EvalResults.from_dict({"splits": splits, "model": "member-0"}).this_model("x") == "member-0"
     unknown = EvalResults.from_dict({"splits": splits, "dataset": {"type": "org/prefs"}})
     assert unknown.this_model("other") is None
-    assert unknown.eval_results("other") == []  # no model-index without knowing which row is this model
+    assert unknown.model_index("other") == []  # no model-index without knowing which row is this model
     no_dataset = EvalResults.from_dict({"splits": {"test": {"WARM": 0.7}}})
-    assert no_dataset.this_model(None) == "WARM" and no_dataset.eval_results(None) == []
+    assert no_dataset.this_model(None) == "WARM" and no_dataset.model_index(None) == []
 
 
 def test_accepts_the_document_warm_hub_evaluate_writes(mixed, tmp_path):
@@ -200,3 +200,33 @@ def test_accepts_the_document_warm_hub_evaluate_writes(mixed, tmp_path):
         ("org/prefs", "test", 0.7)
     ]
     assert "| **warm (3)** | 0.700 (n=40) |" in card.text
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"no front matter at all\n",
+        b"---\nlicense: [unclosed\n---\nbody\n",
+        b"---\n- a list, not a mapping\n---\n",
+        b"---\n!!python/object/apply:os.system ['echo pwned']\n---\n",
+        b"---\nlicense: mit\nno closing line\n",
+        b"---\nlicense: mit\n---\n\xff\xfe not utf-8",
+    ],
+)
+def test_unreadable_previous_card_is_replaced_not_trusted(mixed, raw):
+    (mixed / "README.md").write_bytes(raw)
+    path = write_card(mixed)
+    assert read_front_matter(path)["base_model_relation"] == "merge"
+    assert "license" not in read_front_matter(path)
+
+
+def test_previous_card_license_survives_a_refresh(mixed):
+    (mixed / "README.md").write_text("---\r\nlicense: mit\r\ndatasets: org/prefs\r\n---\r\nold body\r\n")
+    data = read_front_matter(write_card(mixed))
+    assert data["license"] == "mit" and data["datasets"] == ["org/prefs"]
+
+
+def test_oversized_card_is_not_read(tmp_path):
+    path = tmp_path / "README.md"
+    path.write_text("---\nlicense: mit\n---\n" + "x" * (MAX_CARD_BYTES + 1))
+    assert read_front_matter(path) == {}

@@ -1,8 +1,9 @@
 """The model card of a merge output: front matter and body rendered from `cards/*.md.jinja`.
 
-Cards are built with huggingface_hub's `ModelCard`/`ModelCardData`, so their metadata is what the Hub expects
-(`base_model`, `base_model_relation: merge`, `license` when the ingredients agree, `model-index` from evaluation
-results). They never hold a token or a local path.
+The front matter is the Hub's model card metadata (`base_model`, `base_model_relation: merge`, `license` when
+the ingredients agree, `model-index` from evaluation results); huggingface_hub's `ModelCard` parses it back. It
+is built here with PyYAML rather than with `huggingface_hub.ModelCard`, whose import costs a local merge more
+than writing its card. Cards never hold a token or a local path.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+import yaml
 from huggingface_hub.utils import logging
 
 from .errors import InvalidOptionError
@@ -27,8 +29,10 @@ TEMPLATE = "warm_model_card.md.jinja"
 CARD_NAME = "README.md"
 EVAL_RESULTS_NAME = "eval_results.json"
 TAGS = ["warm", "reward-model", "merge", "warm-hub"]
+MAX_CARD_BYTES = 1 << 20
 THIS_MODEL_KEYS = ("warm", "WARM", "merged", "this model")
 PLOT_SUFFIXES = (".png", ".jpg", ".jpeg", ".svg", ".webp", ".gif")
+MODEL_INDEX_TASK = "Reward modeling (pairwise preference accuracy)"
 
 
 @dataclass
@@ -181,29 +185,32 @@ class EvalResults:
             rows.append({"name": f"**{name}**" if name == this else name, "values": cells})
         return rows
 
-    def eval_results(self, model_name: str | None):
-        """`huggingface_hub.EvalResult`s of the merged model (the `model-index`), or [] when not possible."""
-        from huggingface_hub import EvalResult
-
+    def model_index(self, model_name: str | None) -> list[dict]:
+        """The `results` of the card's `model-index` for the merged model, or [] when not possible."""
         this = self.this_model(model_name)
         if this is None or not self.dataset_type:
             return []
-        return [
-            EvalResult(
-                task_type="text-classification",
-                task_name="Reward modeling (pairwise preference accuracy)",
-                dataset_type=self.dataset_type,
-                dataset_name=self.dataset_name or self.dataset_type,
-                dataset_config=self.dataset_config,
-                dataset_split=split,
-                dataset_revision=self.dataset_revision,
-                metric_type="accuracy",
-                metric_name="Pairwise accuracy",
-                metric_value=round(models[this]["accuracy"], 6),
+        results = []
+        for split, models in self.splits.items():
+            if this not in models:
+                continue
+            dataset = {
+                "name": self.dataset_name or self.dataset_type,
+                "type": self.dataset_type,
+                "config": self.dataset_config,
+                "split": split,
+                "revision": self.dataset_revision,
+            }
+            results.append(
+                {
+                    "task": {"type": "text-classification", "name": MODEL_INDEX_TASK},
+                    "dataset": {k: v for k, v in dataset.items() if v is not None},
+                    "metrics": [
+                        {"type": "accuracy", "value": round(models[this]["accuracy"], 6), "name": "Pairwise accuracy"}
+                    ],
+                }
             )
-            for split, models in self.splits.items()
-            if this in models
-        ]
+        return results
 
 
 def _text(value: object) -> str | None:
@@ -255,14 +262,64 @@ def ingredient_metadata(
 
 
 def _hub_card_data(repo_id: str, revision: str | None, *, token: str | bool | None) -> dict | None:
-    from huggingface_hub import ModelCard, hf_hub_download
+    from huggingface_hub import hf_hub_download
 
     try:
         path = hf_hub_download(repo_id, CARD_NAME, revision=revision, token=token)
-        return ModelCard.load(path, ignore_metadata_errors=True).data.to_dict()
     except Exception as exc:  # noqa: BLE001 - a missing or unreadable card only leaves the license unknown
         logger.debug("no card metadata for %s: %s", repo_id, type(exc).__name__)
         return None
+    return read_front_matter(Path(path))
+
+
+def read_front_matter(path: Path) -> dict:
+    """The YAML metadata block at the top of a model card, or {} when it has none or it cannot be parsed.
+
+    Cards come from anyone (Hub repos, hand edits), so this reads at most `MAX_CARD_BYTES`, parses with
+    `yaml.safe_load` (no object construction) and never raises.
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CARD_BYTES + 1)
+        if len(raw) > MAX_CARD_BYTES:
+            return {}
+        text = raw.decode("utf-8").replace("\r\n", "\n")
+    except (OSError, UnicodeDecodeError):
+        return {}
+    if not text.startswith("---\n"):
+        return {}
+    end = text.find("\n---", 3)
+    if end < 0:
+        return {}
+    try:
+        data = yaml.safe_load(text[4 : end + 1])
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def card_metadata(
+    recipe: WarmRecipe,
+    *,
+    model_name: str,
+    license: str | None = None,
+    datasets: list[str] | None = None,
+    eval_results: EvalResults | None = None,
+) -> dict:
+    """The card's front matter, as the Hub reads it (keys without a value are left out)."""
+    hub_ingredients = list(dict.fromkeys(i.source for i in recipe.ingredients if not i.local))
+    index = eval_results.model_index(model_name) if eval_results else []
+    data = {
+        "base_model": hub_ingredients or None,
+        "base_model_relation": "merge",
+        "datasets": datasets or None,
+        "library_name": "transformers",
+        "license": license,
+        "pipeline_tag": "text-classification",
+        "tags": list(TAGS),
+        "model-index": [{"name": model_name, "results": index}] if index else None,
+    }
+    return {key: value for key, value in data.items() if value is not None}
 
 
 def render_card(
@@ -274,7 +331,7 @@ def render_card(
     datasets: list[str] | None = None,
     eval_results: EvalResults | None = None,
     eval_plot: str | None = None,
-):
+) -> str:
     """Render the model card of a merge.
 
     Args:
@@ -287,28 +344,16 @@ def render_card(
         eval_plot: file name of an evaluation plot in the same folder as the card.
 
     Returns:
-        A `huggingface_hub.ModelCard`.
+        The card's text (YAML front matter, then Markdown).
     """
-    from huggingface_hub import ModelCard, ModelCardData
+    import jinja2
 
     name = model_name or (repo_id.split("/")[-1] if repo_id else "warm-reward-model")
-    hub_ingredients = list(dict.fromkeys(i.source for i in recipe.ingredients if not i.local))
-    index = eval_results.eval_results(name) if eval_results else []
-    card_data = ModelCardData(
-        base_model=hub_ingredients or None,
-        base_model_relation="merge",
-        library_name="transformers",
-        pipeline_tag="text-classification",
-        tags=list(TAGS),
-        license=license,
-        datasets=datasets or None,
-        model_name=name if index else None,
-        eval_results=index or None,
-    )
+    metadata = card_metadata(recipe, model_name=name, license=license, datasets=datasets, eval_results=eval_results)
+    front_matter = yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True, width=1000).strip()
     template = resources.files("warm_hub.cards").joinpath(TEMPLATE).read_text(encoding="utf-8")
-    return ModelCard.from_template(
-        card_data,
-        template_str=template,
+    text = jinja2.Template(template).render(
+        card_data=front_matter,
         model_name=name,
         repo_id=repo_id or f"<your-org>/{name}",
         ingredients=recipe.ingredients,
@@ -321,6 +366,7 @@ def render_card(
         eval_dataset=(eval_results.dataset_name if eval_results else None),
         eval_plot=eval_plot,
     )
+    return text.rstrip("\n") + "\n"
 
 
 def write_card(
@@ -357,7 +403,7 @@ def write_card(
     """
     folder = Path(folder)
     recipe = WarmRecipe.load(folder)
-    previous = _previous_card_data(folder / CARD_NAME)
+    previous = read_front_matter(folder / CARD_NAME)
     if license is None or datasets is None:
         found_license, found_datasets = ingredient_metadata(recipe.ingredients, token=token)
         license = license or found_license or previous.get("license")
@@ -374,7 +420,7 @@ def write_card(
         eval_plot=plot,
     )
     path = folder / CARD_NAME
-    card.save(path)
+    path.write_text(card, encoding="utf-8")
     return path
 
 
@@ -388,17 +434,6 @@ def _as_list(value: object) -> list[str] | None:
     if isinstance(value, list):
         return [v for v in value if isinstance(v, str)] or None
     return None
-
-
-def _previous_card_data(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    from huggingface_hub import ModelCard
-
-    try:
-        return ModelCard.load(path, ignore_metadata_errors=True).data.to_dict()
-    except Exception:  # noqa: BLE001 - a hand-edited card we cannot parse is simply replaced
-        return {}
 
 
 def _adopt_eval_results(
