@@ -1,13 +1,17 @@
 """The averaging step: `out = round(sum_i w_i * x_i)` with fp32 accumulation (fp64 for fp64 data).
 
-One entry point, `weighted_average_into`, serves the streaming engine and the in-memory API. CPU tensors go
-through a chunked torch loop whose fp32 accumulator stays in cache; CUDA tensors go to the fused Triton
-kernel in `warm_hub.kernels` (and to the torch loop for the dtypes it does not serve: fp64, fp8).
+One entry point, `weighted_average_into`, serves the streaming engine and the in-memory API. CPU tensors go to
+the C kernel built with the package (`warm_hub._cpu_average`, from `kernels/cpu_average.c`: one pass over the
+inputs, accumulator in L1), CUDA tensors to the fused Triton kernel. What neither serves (fp64, fp8, unaligned
+data, an install without a C compiler, or `WARM_HUB_CPU_KERNEL=torch`) goes through a chunked torch loop whose
+fp32 accumulator stays in cache. All three add in ingredient order with one fused multiply-add per input and
+round once, so they agree bit for bit.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import threading
 from collections.abc import Sequence
 
@@ -49,7 +53,39 @@ def weighted_average_into(out: torch.Tensor, inputs: Sequence[torch.Tensor], wei
 
         weighted_average(list(inputs), list(weights), out=out)
         return bool(torch.isfinite(out).all())
+    kernel = cpu_kernel(out, inputs)
+    if kernel is not None:
+        codes = _cpu_codes(kernel)
+        return kernel.average(
+            out.data_ptr(), codes[out.dtype], [(x.data_ptr(), codes[x.dtype]) for x in inputs], weights, out.numel()
+        )
     return torch_weighted_average(out.view(-1), [x.view(-1) for x in inputs], weights)
+
+
+def cpu_kernel(out: torch.Tensor, inputs: Sequence[torch.Tensor]):
+    """The compiled CPU kernel module when it serves these tensors, else None (the torch loop does)."""
+    if out.device.type != "cpu" or os.environ.get("WARM_HUB_CPU_KERNEL", "auto") == "torch":
+        return None
+    try:
+        from warm_hub import _cpu_average
+    except ImportError:  # installed without a C compiler
+        return None
+    codes = _cpu_codes(_cpu_average)
+    n = out.numel()
+    for x in (out, *inputs):
+        code = codes.get(x.dtype)
+        if code is None or x.device.type != "cpu" or not x.is_contiguous() or x.numel() != n:
+            return None
+        if x.data_ptr() % x.element_size():  # the C loops load whole elements
+            return None
+    return _cpu_average
+
+
+def _cpu_codes(module) -> dict[torch.dtype, int]:
+    codes = {torch.float32: 0, torch.bfloat16: 1}
+    if module.HAS_FLOAT16:
+        codes[torch.float16] = 2
+    return codes
 
 
 def kernel_supports(out: torch.Tensor, inputs: Sequence[torch.Tensor]) -> bool:
