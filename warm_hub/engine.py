@@ -1,8 +1,9 @@
 """The streaming merge engine: read chunks, average them, write them at their final offsets.
 
-A reader thread fills a fixed pool of chunk buffers with `pread`s of every ingredient, the calling thread
-averages, and a writer thread `pwrite`s each result in place, hashes the shards in order and journals finished
-chunks for `--resume`. Memory is the pool, whatever the size of a tensor or a shard.
+Four stages, each on its own thread, pass a fixed pool of chunk buffers along: a reader maps (local files) or
+reads (pread, HTTP ranges, pinned memory for the GPU) the chunk of every ingredient, the calling thread averages
+it, a writer `pwrite`s the result in place, and a hasher hashes the shards in order and journals finished chunks
+for `--resume`. Memory is the pool, whatever the size of a tensor or a shard.
 """
 
 from __future__ import annotations
@@ -35,9 +36,13 @@ from .sources import IngredientSource
 
 logger = logging.get_logger(__name__)
 
-PIPELINE_DEPTH = 3  # one chunk being read, one averaged, one written
-MAX_CHUNK_ELEMENTS = 8 * 1024 * 1024
+PIPELINE_DEPTH = 4  # one chunk being read, one averaged, one written, one hashed
+# On the CPU a chunk's output (4 MiB in bf16) stays in cache from the averaging to the write and the hash; the
+# GPU wants bigger transfers.
+MAX_CHUNK_ELEMENTS = {"cpu": 2 * 1024 * 1024, "cuda": 8 * 1024 * 1024}
 MIN_CHUNK_ELEMENTS = 4096
+# A chunk is split between averaging threads only when each part is at least this big.
+MIN_PARALLEL_ELEMENTS = 1 << 20
 CHUNK_ALIGNMENT = 1024  # elements; keeps every chunk's start 16-byte aligned for vector loads
 DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _END = object()
@@ -53,8 +58,8 @@ class WorkItem:
     count: int
 
 
-def chunk_elements(plan: MergePlan, max_memory: int) -> int:
-    """The largest chunk (in elements) whose pipeline of buffers fits in `max_memory`.
+def chunk_elements(plan: MergePlan, max_memory: int, device: str = "cpu") -> int:
+    """The largest chunk (in elements) whose pipeline of buffers fits in `max_memory`, at most the device's cap.
 
     Raises:
         InvalidOptionError: the budget cannot hold even the smallest useful chunk.
@@ -62,7 +67,7 @@ def chunk_elements(plan: MergePlan, max_memory: int) -> int:
     per_element = sum(widest_inputs(plan)) + widest_output(plan)
     # The writer needs one more output-sized buffer to re-read finished chunks on --resume.
     per_element = per_element * PIPELINE_DEPTH + widest_output(plan)
-    elements = min(max_memory // per_element, MAX_CHUNK_ELEMENTS)
+    elements = min(max_memory // per_element, MAX_CHUNK_ELEMENTS.get(device, MAX_CHUNK_ELEMENTS["cpu"]))
     elements -= elements % CHUNK_ALIGNMENT
     if elements < MIN_CHUNK_ELEMENTS:
         need = MIN_CHUNK_ELEMENTS * per_element
@@ -95,6 +100,15 @@ class _Slot:
         # Set by the CUDA stage: when the output is ready, and whether it is all finite.
         self.ready_event = None
         self.finite = torch.ones((), dtype=torch.bool, pin_memory=pin)
+
+
+def averaging_threads() -> int:
+    """How many threads average on the CPU: one per core this process may use, keeping one for the writer."""
+    override = os.environ.get("WARM_HUB_CPU_THREADS")
+    if override:
+        return max(1, int(override))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores - 1, 16))
 
 
 def widest_inputs(plan: MergePlan) -> list[int]:
@@ -222,6 +236,12 @@ class MergeEngine:
         # Reads of the N ingredients of a chunk run in parallel where they copy (pread into pinned memory for
         # the GPU, HTTP ranges for Hub sources); pread and sockets release the GIL.
         self._readers = ThreadPoolExecutor(max_workers=max(1, min(len(sources), 8)), thread_name_prefix="warm-read")
+        # CPU averaging runs on our own threads, each with a single torch thread: torch's OpenMP team spin-waits
+        # at every op, and with the writer thread hashing on one of the cores that made averaging 5x slower.
+        self._parts = 1 if self._cuda is not None else averaging_threads()
+        self._averagers = (
+            ThreadPoolExecutor(max_workers=self._parts - 1, thread_name_prefix="warm-avg") if self._parts > 1 else None
+        )
         self._stop = threading.Event()
         self._errors: list[BaseException] = []
         self._warned: set[str] = set()
@@ -239,11 +259,16 @@ class MergeEngine:
             slots.put(_Slot(key, self.plan, self.chunk, pin, mapped))
         ready: queue.Queue = queue.Queue()
         finished: queue.Queue = queue.Queue()
+        written: queue.Queue = queue.Queue()
         digests: dict[str, str] = {}
         threads = [
             threading.Thread(target=self._guard, args=(self._read, items, done, slots, ready), daemon=True),
-            threading.Thread(target=self._guard, args=(self._write, writer, finished, slots, digests), daemon=True),
+            threading.Thread(target=self._guard, args=(self._write, writer, finished, written), daemon=True),
+            threading.Thread(target=self._guard, args=(self._hash, writer, written, slots, digests), daemon=True),
         ]
+        torch_threads = torch.get_num_threads()
+        if self._cuda is None:
+            torch.set_num_threads(1)
         for thread in threads:
             thread.start()
         try:
@@ -253,6 +278,9 @@ class MergeEngine:
             for thread in threads:
                 thread.join()
             self._readers.shutdown(wait=True)
+            if self._averagers is not None:
+                self._averagers.shutdown(wait=True)
+            torch.set_num_threads(torch_threads)
             # No fsync: like save_pretrained, durability is left to the OS; a crashed process loses nothing
             # (its writes are in the page cache) and the journal lets --resume finish the rest.
             writer.close()
@@ -356,8 +384,24 @@ class MergeEngine:
                 out_dtype=tensor.dtype,
             )
             return
-        if not weighted_average_into(out, inputs, self.weights):
+        if not self._average_parts(out, inputs):
             self._non_finite(tensor, inputs)
+
+    def _average_parts(self, out: torch.Tensor, inputs: list[torch.Tensor]) -> bool:
+        """`weighted_average_into`, split into contiguous parts across the averaging threads."""
+        count = out.numel()
+        parts = min(self._parts, count // MIN_PARALLEL_ELEMENTS)
+        if parts <= 1:
+            return weighted_average_into(out, inputs, self.weights)
+        step = -(-count // parts // CHUNK_ALIGNMENT) * CHUNK_ALIGNMENT
+        futures = []
+        for start in range(step, count, step):
+            part = slice(start, start + step)
+            futures.append(
+                self._averagers.submit(weighted_average_into, out[part], [x[part] for x in inputs], self.weights)
+            )
+        finite = weighted_average_into(out[:step], [x[:step] for x in inputs], self.weights)
+        return all([future.result() for future in futures]) and finite
 
     def _host_inputs(self, item: WorkItem, slot: _Slot) -> list[torch.Tensor]:
         """The typed inputs of a chunk still held in a slot's host buffers (to say which one is at fault)."""
@@ -378,36 +422,53 @@ class MergeEngine:
             self._warned.add(tensor.name)
             logger.warning("%s; kept because non-finite values are allowed", problem)
 
-    def _write(self, writer: ShardWriter, finished: queue.Queue, slots: queue.Queue, digests: dict[str, str]) -> None:
+    def _write(self, writer: ShardWriter, finished: queue.Queue, written: queue.Queue) -> None:
+        """Write each averaged chunk at its place in its shard (GPU results once their copy back is done)."""
+        try:
+            while True:
+                message = finished.get()
+                if message is _END or self._stop.is_set():
+                    return
+                item, slot = message
+                if slot is not None:
+                    tensor = item.tensor
+                    size = itemsize(tensor.dtype)
+                    if slot.ready_event is not None:
+                        slot.ready_event.synchronize()
+                        slot.ready_event = None
+                        if not bool(slot.finite):
+                            self._non_finite(tensor, self._host_inputs(item, slot))
+                    writer.pwrite(
+                        writer.fds[tensor.shard],
+                        _memoryview(slot.output, item.count * size),
+                        tensor.offset + item.start * size,
+                        self.plan.shards[tensor.shard].filename,
+                    )
+                written.put(message)
+        finally:
+            written.put(_END)
+
+    def _hash(self, writer: ShardWriter, written: queue.Queue, slots: queue.Queue, digests: dict[str, str]) -> None:
+        """Hash the shards in file order, journal each written chunk and hand its buffers back to the reader."""
         shards = self.plan.shards
         hashers = [hashlib.sha256(shard.header) for shard in shards]
         readback: torch.Tensor | None = None
         while True:
-            message = finished.get()
+            message = written.get()
             if message is _END:
                 break
             if self._stop.is_set():
                 return
             item, slot = message
             tensor = item.tensor
-            size = itemsize(tensor.dtype)
-            nbytes = item.count * size
-            offset = tensor.offset + item.start * size
-            fd = writer.fds[tensor.shard]
-            if slot is None:
+            nbytes = item.count * itemsize(tensor.dtype)
+            if slot is None:  # finished by an earlier run (--resume): read it back to hash it
                 if readback is None:
-                    widest = max(itemsize(t.dtype) for t in self.plan.tensors)
-                    readback = torch.empty(self.chunk * widest, dtype=torch.uint8)
+                    readback = torch.empty(self.chunk * widest_output(self.plan), dtype=torch.uint8)
                 data = _memoryview(readback, nbytes)
-                writer.pread(fd, data, offset)
+                writer.pread(writer.fds[tensor.shard], data, tensor.offset + item.start * itemsize(tensor.dtype))
             else:
-                if slot.ready_event is not None:
-                    slot.ready_event.synchronize()
-                    slot.ready_event = None
-                    if not bool(slot.finite):
-                        self._non_finite(tensor, self._host_inputs(item, slot))
                 data = _memoryview(slot.output, nbytes)
-                writer.pwrite(fd, data, offset, shards[tensor.shard].filename)
             hashers[tensor.shard].update(data)
             if slot is not None:
                 self.journal.record(item.index)
