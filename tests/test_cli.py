@@ -65,3 +65,26 @@ def test_merge_stays_the_function_after_the_cli_imports_it(run_cli):
     import warm_hub.merging  # noqa: F401
 
     assert callable(warm_hub.merge) and warm_hub.merge.__name__ == "merge"
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "stream", "text"),
+    [
+        (["--version"], 0, "stdout", "version"),
+        (["merge", "no-such-folder-here", "--out", "x"], 1, "stderr", "Error: no-such-folder-here: no such file"),
+        (["merge"], 2, "stderr", "Missing argument"),
+    ],
+)
+def test_console_script_exit_keeps_output_codes_and_atexit(python, argv, code, stream, text):
+    """The console script leaves without Python's final collection, but still flushes and runs atexit handlers."""
+    script = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: print('atexit ran', flush=True))\n"
+        "from warm_hub.cli import console_main\n"
+        f"sys.argv = ['warm-hub', *{argv!r}]\n"
+        "console_main()\n"
+    )
+    proc = subprocess.run([python, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == code, proc.stderr
+    assert text in getattr(proc, stream)
+    assert proc.stdout.rstrip().endswith("atexit ran")

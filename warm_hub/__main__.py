@@ -1,5 +1,5 @@
 """`python -m warm_hub` runs the `warm-hub` command line."""
 
-from warm_hub.cli import main
+from warm_hub.cli import console_main
 
-main()
+console_main()
