@@ -8,6 +8,7 @@ than writing its card. Cards never hold a token or a local path.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -322,6 +323,14 @@ def card_metadata(
     return {key: value for key, value in data.items() if value is not None}
 
 
+@functools.lru_cache(maxsize=1)
+def load_template():
+    """The compiled Jinja template of the card (compiled once; a merge warms it while its engine streams)."""
+    import jinja2
+
+    return jinja2.Template(resources.files("warm_hub.cards").joinpath(TEMPLATE).read_text(encoding="utf-8"))
+
+
 def render_card(
     recipe: WarmRecipe,
     *,
@@ -346,13 +355,10 @@ def render_card(
     Returns:
         The card's text (YAML front matter, then Markdown).
     """
-    import jinja2
-
     name = model_name or (repo_id.split("/")[-1] if repo_id else "warm-reward-model")
     metadata = card_metadata(recipe, model_name=name, license=license, datasets=datasets, eval_results=eval_results)
     front_matter = yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True, width=1000).strip()
-    template = resources.files("warm_hub.cards").joinpath(TEMPLATE).read_text(encoding="utf-8")
-    text = jinja2.Template(template).render(
+    text = load_template().render(
         card_data=front_matter,
         model_name=name,
         repo_id=repo_id or f"<your-org>/{name}",
@@ -378,6 +384,7 @@ def write_card(
     license: str | None = None,
     datasets: list[str] | None = None,
     token: str | bool | None = None,
+    found: tuple[str | None, list[str] | None] | None = None,
 ) -> Path:
     """Render the card of the merge output in `folder` and save it as its README.md.
 
@@ -393,6 +400,7 @@ def write_card(
         license: overrides the license found in the ingredients' cards.
         datasets: overrides the datasets found in the ingredients' cards.
         token: Hub token to read the ingredients' cards (private repos).
+        found: what `ingredient_metadata` returned for these ingredients, when already looked up.
 
     Returns:
         The path of the written README.md.
@@ -405,7 +413,7 @@ def write_card(
     recipe = WarmRecipe.load(folder)
     previous = read_front_matter(folder / CARD_NAME)
     if license is None or datasets is None:
-        found_license, found_datasets = ingredient_metadata(recipe.ingredients, token=token)
+        found_license, found_datasets = found or ingredient_metadata(recipe.ingredients, token=token)
         license = license or found_license or previous.get("license")
         datasets = datasets or found_datasets or _as_list(previous.get("datasets"))
     results, plot = _adopt_eval_results(folder, eval_results)

@@ -10,8 +10,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import yaml
-
 from .errors import IncompleteOutputError
 
 RECIPE_NAME = "warm_recipe.yaml"
@@ -36,6 +34,8 @@ class WarmRecipe:
     tool_version: str = field(default="", metadata={"help": "version of warm-hub"})
 
     def to_yaml(self) -> str:
+        import yaml
+
         return yaml.safe_dump(asdict(self), sort_keys=False, allow_unicode=True)
 
     def save(self, folder: Path) -> Path:
@@ -50,6 +50,8 @@ class WarmRecipe:
         Raises:
             IncompleteOutputError: the folder has no readable recipe (it is not a warm-hub merge output).
         """
+        import yaml
+
         path = Path(folder) / RECIPE_NAME
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
