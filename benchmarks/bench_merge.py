@@ -1,9 +1,17 @@
 """Benchmark the streaming merge against a plain read of its inputs and a naive load-everything torch script.
 
-Builds N random checkpoints with a Llama-like tensor list, then, with a warm page cache, times (each in a fresh
-process, peak RSS from the OS): one plain read of every input, `warm-hub merge`, a naive torch average, and a
-process that only imports torch and warm_hub (start-up, subtracted from the others). Then shows the peak RSS of
-a merge whose largest tensor is bigger than `--max-memory`.
+Builds N random checkpoints with a Llama-like tensor list, then, with a warm page cache, runs each contender in
+a fresh process, round-robin (so a slow spell of a shared machine hits all of them alike):
+
+- a plain read of every input into a 64 MiB buffer;
+- `warm-hub merge` through its CLI entry point;
+- a naive torch script: `safetensors.torch.load_file` each checkpoint whole, average in fp32, `save_file`;
+- a process that only imports torch and warm_hub (the start-up).
+
+Each child times its own work from the end of its start-up imports (`import torch, warm_hub` for the merge,
+`import torch, safetensors.torch` for the naive script), so start-up is subtracted without the noise of
+subtracting two process timings; the whole-process wall times are reported too. Peak RSS is the child's
+`ru_maxrss`. Then it shows the peak RSS of a merge whose largest tensor is bigger than `--max-memory`.
 
     python benchmarks/bench_merge.py                      # 4 x 126M params bf16, CPU
     python benchmarks/bench_merge.py --device cuda        # also the GPU path (on a CUDA machine)
@@ -16,6 +24,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,8 +36,13 @@ import torch
 
 from warm_hub.safetensors_io import build_header, dtype_code
 
-PLAIN_READ = """
-import sys
+# Every child prints the CLOCK_MONOTONIC time at which its start-up imports ended (and the naive script also the
+# time its work ended, before Python's exit); the parent takes the work to end when it reaps the child.
+READY = "print(time.clock_gettime(time.CLOCK_MONOTONIC), flush=True)"
+
+PLAIN_READ = f"""
+import sys, time
+{READY}
 buf = bytearray(64 << 20)
 view = memoryview(buf)
 for path in sys.argv[1:]:
@@ -37,25 +51,29 @@ for path in sys.argv[1:]:
             pass
 """
 
-NAIVE = """
-import sys, torch
+NAIVE = f"""
+import sys, time, torch
 from safetensors.torch import load_file, save_file
+{READY}
 paths, out = sys.argv[1:-1], sys.argv[-1]
 states = [load_file(p) for p in paths]
-avg = {}
+avg = {{}}
 for name, first in states[0].items():
     acc = sum(s[name].float() for s in states) / len(states)
     avg[name] = acc.to(first.dtype)
-save_file(avg, out, metadata={"format": "pt"})
+save_file(avg, out, metadata={{"format": "pt"}})
+{READY}
 """
 
-STARTUP = "import torch, warm_hub.merging, warm_hub.cli.merge"
-NAIVE_STARTUP = "import torch, safetensors.torch"
+STARTUP = "import torch, warm_hub"
 
-MERGE = """
-import sys, warm_hub
-from warm_hub.cli import main
-main(sys.argv[1:])
+# What the `warm-hub` console script runs, after the start-up imports.
+MERGE = f"""
+import sys, time, torch, warm_hub
+{READY}
+from warm_hub.cli import console_main
+sys.argv[0] = "warm-hub"
+console_main()
 """
 
 
@@ -101,25 +119,43 @@ def write_checkpoint(folder: Path, shapes, dtype: torch.dtype, seed: int) -> Pat
     return folder
 
 
-def timed(args: list[str], env: dict | None = None) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes, from the OS) of one child process."""
-    started = time.perf_counter()
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    elapsed = time.perf_counter() - started
-    if status != 0:
-        raise SystemExit(f"failed: {' '.join(args)}\n{proc.stderr.read().decode()}")
-    return elapsed, usage.ru_maxrss * 1024
+def timed(args: list[str], env: dict | None = None) -> tuple[float, float | None, float | None, int]:
+    """One child: whole-process wall seconds; seconds from the end of its start-up imports to its exit, and to the
+    end of its work before Python's exit where it says (else None); peak RSS bytes."""
+    with tempfile.TemporaryFile() as err:
+        started = time.perf_counter()
+        proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=err)
+        out = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        reaped = time.clock_gettime(time.CLOCK_MONOTONIC)
+        elapsed = time.perf_counter() - started
+        proc.stdout.close()
+        if status != 0:
+            err.seek(0)
+            raise SystemExit(f"failed: {' '.join(args)}\n{err.read().decode(errors='replace')}")
+    stamps = [float(line) for line in out.decode().splitlines() if line.replace(".", "", 1).isdigit()]
+    if not stamps:
+        return elapsed, None, None, usage.ru_maxrss * 1024
+    before_exit = stamps[1] - stamps[0] if len(stamps) > 1 else None
+    return elapsed, reaped - stamps[0], before_exit, usage.ru_maxrss * 1024
 
 
-def best_of(runs: int, args: list[str], cleanup: Path | None = None, env: dict | None = None) -> tuple[float, int]:
-    best = (float("inf"), 0)
+def round_robin(runs: int, contenders: dict[str, tuple[list[str], Path | None]], env: dict) -> dict[str, dict]:
+    """Run each contender `runs` times, interleaved; best and median of each timing, max peak RSS."""
+    samples: dict[str, list[tuple]] = {name: [] for name in contenders}
     for _ in range(runs):
-        if cleanup is not None and cleanup.exists():
-            shutil.rmtree(cleanup) if cleanup.is_dir() else cleanup.unlink()
-        result = timed(args, env)
-        best = min(best, result)
-    return best
+        for name, (args, cleanup) in contenders.items():
+            if cleanup is not None and cleanup.exists():
+                shutil.rmtree(cleanup) if cleanup.is_dir() else cleanup.unlink()
+            samples[name].append(timed(args, env))
+    figures = {}
+    for name, rows in samples.items():
+        figures[name] = {"peak_rss": max(r[3] for r in rows)}
+        for key, column in (("wall", 0), ("work", 1), ("work_before_exit", 2)):
+            values = [r[column] for r in rows if r[column] is not None]
+            if values:
+                figures[name] |= {f"{key}_best": min(values), f"{key}_median": statistics.median(values)}
+    return figures
 
 
 def main() -> None:
@@ -130,7 +166,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--max-memory", default="512MB")
-    parser.add_argument("--runs", type=int, default=3, help="best of this many runs per measurement")
+    parser.add_argument("--runs", type=int, default=5, help="runs of each contender (round-robin); best and median")
     parser.add_argument("--rss-vocab", type=int, default=200_000, help="vocab of the large-embedding RSS check")
     parser.add_argument("--rss-hidden", type=int, default=1024, help="hidden size of the RSS check")
     parser.add_argument("--rss-max-memory", default="256MB")
@@ -153,32 +189,21 @@ def main() -> None:
         out = work / "out"
         # Warm the page cache (the files were just written, but make sure).
         timed([py, "-c", PLAIN_READ, *files])
-
-        startup, startup_rss = best_of(args.runs, [py, "-c", STARTUP], env=env)
-        read, _ = best_of(args.runs, [py, "-c", PLAIN_READ, *files], env=env)
         merge_args = [
-            py,
-            "-c",
-            MERGE,
-            "merge",
-            *map(str, members),
-            "--out",
-            str(out),
-            "--overwrite",
-            "--device",
-            args.device,
-            "--max-memory",
-            args.max_memory,
+            *[py, "-c", MERGE, "merge", *map(str, members), "--out", str(out), "--overwrite"],
+            *["--device", args.device, "--max-memory", args.max_memory],
         ]
-        merge, merge_rss = best_of(args.runs, merge_args, cleanup=out, env=env)
-        naive, naive_rss = best_of(
-            max(1, args.runs - 1), [py, "-c", NAIVE, *files, str(work / "naive.safetensors")], env=env
+        figures = round_robin(
+            args.runs,
+            {
+                "startup": ([py, "-c", STARTUP], None),
+                "read": ([py, "-c", PLAIN_READ, *files], None),
+                "merge": (merge_args, out),
+                "naive": ([py, "-c", NAIVE, *files, str(work / "naive.safetensors")], work / "naive.safetensors"),
+            },
+            env,
         )
-        python_startup, _ = best_of(args.runs, [py, "-c", "pass"], env=env)
-        naive_startup, _ = best_of(args.runs, [py, "-c", NAIVE_STARTUP], env=env)
-        read_net = read - python_startup
-        merge_net = merge - startup
-        naive_net = naive - naive_startup
+        read, merge, naive = (figures[k]["work_best"] for k in ("read", "merge", "naive"))
         rows = {
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU"
             if args.device == "cpu"
@@ -188,18 +213,24 @@ def main() -> None:
             "params_per_member": params,
             "dtype": args.dtype,
             "input_bytes": input_bytes,
-            "startup_s": startup,
-            "naive_startup_s": naive_startup,
-            "plain_read_s": read_net,
-            "merge_s": merge_net,
-            "naive_torch_s": naive_net,
-            "merge_over_read": merge_net / read_net,
-            "naive_over_merge": naive_net / merge_net,
-            "merge_GBps_input": input_bytes / merge_net / 1e9,
-            "import_baseline_rss_MB": startup_rss / 1e6,
-            "merge_peak_rss_MB": merge_rss / 1e6,
-            "naive_peak_rss_MB": naive_rss / 1e6,
+            "runs": args.runs,
+            "startup_s (import torch, warm_hub; whole process)": figures["startup"]["wall_best"],
+            "plain_read_s": read,
+            "merge_s": merge,
+            "naive_torch_s": naive,
+            "merge_over_read": merge / read,
+            "naive_over_merge": naive / merge,
+            "merge_over_read (medians)": figures["merge"]["work_median"] / figures["read"]["work_median"],
+            "naive_over_merge (medians)": figures["naive"]["work_median"] / figures["merge"]["work_median"],
+            "merge_GBps_input": input_bytes / merge / 1e9,
+            "naive_torch_s before Python's exit": figures["naive"]["work_before_exit_best"],
+            "merge_process_s (whole, best)": figures["merge"]["wall_best"],
+            "naive_process_s (whole, best)": figures["naive"]["wall_best"],
+            "import_baseline_rss_MB": figures["startup"]["peak_rss"] / 1e6,
+            "merge_peak_rss_MB": figures["merge"]["peak_rss"] / 1e6,
+            "naive_peak_rss_MB": figures["naive"]["peak_rss"] / 1e6,
         }
+        startup_rss = figures["startup"]["peak_rss"]
         if not args.skip_rss:
             big = llama_like_shapes(args.params, args.rss_vocab, width=args.rss_hidden)
             largest = max(torch.Size(s).numel() for _, s in big) * torch.finfo(dtype).bits // 8
@@ -216,7 +247,7 @@ def main() -> None:
                 "--max-memory",
                 args.rss_max_memory,
             ]
-            _, rss = timed(rss_args, env)
+            *_, rss = timed(rss_args, env)
             from warm_hub.sizes import parse_size
 
             budget = parse_size(args.rss_max_memory)
