@@ -143,6 +143,10 @@ def timed(args: list[str], env: dict | None = None) -> tuple[float, float | None
 def round_robin(runs: int, contenders: dict[str, tuple[list[str], Path | None]], env: dict) -> dict[str, dict]:
     """Run each contender `runs` times, interleaved; best and median of each timing, max peak RSS."""
     samples: dict[str, list[tuple]] = {name: [] for name in contenders}
+    for args, cleanup in contenders.values():  # one untimed round: bytecode caches, allocator, page cache
+        if cleanup is not None and cleanup.exists():
+            shutil.rmtree(cleanup) if cleanup.is_dir() else cleanup.unlink()
+        timed(args, env)
     for _ in range(runs):
         for name, (args, cleanup) in contenders.items():
             if cleanup is not None and cleanup.exists():
@@ -179,6 +183,9 @@ def main() -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="warm-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, HF_HUB_DISABLE_PROGRESS_BARS="1")
+    # As installed for a user: Python caches compiled bytecode (an environment that forbids it would make every
+    # run recompile warm_hub's modules, but not torch's, which pip compiled at install).
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     py = sys.executable
     try:
         shapes = llama_like_shapes(args.params, args.vocab)

@@ -242,6 +242,8 @@ class MergeEngine:
         self._averagers = (
             ThreadPoolExecutor(max_workers=self._parts - 1, thread_name_prefix="warm-avg") if self._parts > 1 else None
         )
+        self._pending: list[tuple[str, int, int] | None] = [None] * len(self.sources)
+        self._release_batch = [(PIPELINE_DEPTH - 1) * chunk * w for w in widest_inputs(plan)]
         self._stop = threading.Event()
         self._errors: list[BaseException] = []
         self._warned: set[str] = set()
@@ -278,6 +280,8 @@ class MergeEngine:
             for thread in threads:
                 thread.join()
             self._readers.shutdown(wait=True)
+            for i in range(len(self.sources)):
+                self._flush_release(i)
             if self._averagers is not None:
                 self._averagers.shutdown(wait=True)
             torch.set_num_threads(torch_threads)
@@ -354,9 +358,27 @@ class MergeEngine:
             finished.put((item, slot))
 
     def _release(self, item: WorkItem) -> None:
-        for source, info in zip(self.sources, item.tensor.inputs, strict=True):
+        """Hand the mapped input pages of a finished chunk back, a few chunks at a time.
+
+        Each release costs a system call and a TLB shootdown on the other cores; batching them up to what the
+        budget reserved for that ingredient's (unused) read buffers keeps memory within `--max-memory`.
+        """
+        for i, info in enumerate(item.tensor.inputs):
             size = itemsize(info.dtype)
-            source.release(info.file, info.start + item.start * size, item.count * size)
+            start, length = info.start + item.start * size, item.count * size
+            pending = self._pending[i]
+            if pending is not None and pending[0] == info.file and pending[2] == start:
+                if pending[2] + length - pending[1] <= self._release_batch[i]:
+                    self._pending[i] = (info.file, pending[1], start + length)
+                    continue
+            self._flush_release(i)
+            self._pending[i] = (info.file, start, start + length)
+
+    def _flush_release(self, i: int) -> None:
+        pending = self._pending[i]
+        if pending is not None:
+            self.sources[i].release(pending[0], pending[1], pending[2] - pending[1])
+            self._pending[i] = None
 
     def _compute(self, item: WorkItem, slot: _Slot, raw: list[torch.Tensor]) -> None:
         tensor = item.tensor

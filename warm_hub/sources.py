@@ -19,6 +19,7 @@ from .errors import CheckpointFormatError, PickleCheckpointError, SourceNotFound
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+READAHEAD_WINDOW = 64 << 20  # bytes of a memory-mapped file asked ahead of the reads at once
 # Small files copied from the first ingredient to the output (tokenizer, generation and processor configs).
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -121,6 +122,7 @@ class LocalSource(IngredientSource):
         self.path = path
         self._fds: dict[str, int] = {}
         self._maps: dict[str, mmap.mmap] = {}
+        self._advised: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def list_files(self) -> list[str]:
@@ -174,8 +176,13 @@ class LocalSource(IngredientSource):
                     self._maps[name] = mapped
         if offset + length > len(mapped):
             raise CheckpointFormatError(f"{self.path}/{name}: file is shorter than its header says (truncated?)")
-        start = offset - offset % mmap.PAGESIZE
-        mapped.madvise(mmap.MADV_WILLNEED, start, offset + length - start)
+        if offset + length > self._advised.get(name, 0):
+            # Read ahead a window at a time (a cold page cache reads in big requests, not fault by fault); one
+            # call per window, as each madvise costs more than a chunk's worth of work on a cached file.
+            start = offset - offset % mmap.PAGESIZE
+            end = min(len(mapped), max(offset + length, start + READAHEAD_WINDOW))
+            mapped.madvise(mmap.MADV_WILLNEED, start, end - start)
+            self._advised[name] = end
         return memoryview(mapped)[offset : offset + length]
 
     def release(self, name: str, offset: int, length: int) -> None:
