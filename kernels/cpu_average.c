@@ -74,6 +74,42 @@ static void accumulate(float *restrict acc, const void *x, int dtype, float w, s
 #endif
 }
 
+/* The same for four inputs of one dtype at once: the accumulator makes one trip through L1 instead of four.
+ * Per element the order of operations is that of four single passes. */
+#define FMA4_LOOP(load, start)                                                                      \
+    for (j = 0; j < n; j++) {                                                                       \
+        float a = start;                                                                            \
+        a = __builtin_fmaf(w1, load(p1, j), a);                                                     \
+        a = __builtin_fmaf(w2, load(p2, j), a);                                                     \
+        acc[j] = __builtin_fmaf(w3, load(p3, j), a);                                                \
+    }
+#define FMA4(load)                                                                                  \
+    if (first)                                                                                      \
+        FMA4_LOOP(load, w0 * load(p0, j))                                                           \
+    else                                                                                            \
+        FMA4_LOOP(load, __builtin_fmaf(w0, load(p0, j), acc[j]))
+#define LOAD_BF16(p, j) bf16_to_f32((p)[j])
+#define LOAD_PLAIN(p, j) ((float)(p)[j])
+
+MULTIVERSION
+static void accumulate4(float *restrict acc, const void *const *x, int dtype, const float *w, size_t n, int first) {
+    const float w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
+    size_t j;
+    if (dtype == BF16) {
+        const uint16_t *restrict p0 = x[0], *restrict p1 = x[1], *restrict p2 = x[2], *restrict p3 = x[3];
+        FMA4(LOAD_BF16)
+    } else if (dtype == F32) {
+        const float *restrict p0 = x[0], *restrict p1 = x[1], *restrict p2 = x[2], *restrict p3 = x[3];
+        FMA4(LOAD_PLAIN)
+    }
+#if HAVE_F16
+    else {
+        const f16_t *restrict p0 = x[0], *restrict p1 = x[1], *restrict p2 = x[2], *restrict p3 = x[3];
+        FMA4(LOAD_PLAIN)
+    }
+#endif
+}
+
 /* Store acc rounded to the output dtype; returns nonzero if any stored value is NaN or infinite. */
 MULTIVERSION
 static uint32_t store(void *out, int dtype, const float *restrict acc, size_t n) {
@@ -118,8 +154,18 @@ static int weighted_average(void *out, int out_dtype, int n, void *const *xs, co
     uint32_t bad = 0;
     for (size_t start = 0; start < count; start += BLOCK) {
         size_t len = count - start < BLOCK ? count - start : BLOCK;
-        for (int i = 0; i < n; i++)
-            accumulate(acc, (const char *)xs[i] + start * ITEMSIZE[dtypes[i]], dtypes[i], ws[i], len, i == 0);
+        for (int i = 0; i < n;) {
+            int d = dtypes[i];
+            if (i + 4 <= n && dtypes[i + 1] == d && dtypes[i + 2] == d && dtypes[i + 3] == d) {
+                const void *group[4];
+                for (int k = 0; k < 4; k++) group[k] = (const char *)xs[i + k] + start * ITEMSIZE[d];
+                accumulate4(acc, group, d, ws + i, len, i == 0);
+                i += 4;
+            } else {
+                accumulate(acc, (const char *)xs[i] + start * ITEMSIZE[d], d, ws[i], len, i == 0);
+                i += 1;
+            }
+        }
         bad |= store((char *)out + start * ITEMSIZE[out_dtype], out_dtype, acc, len);
     }
     return !bad;

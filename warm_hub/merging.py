@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -165,6 +165,9 @@ def merge(
 
     with contextlib.ExitStack() as stack:
         stack.enter_context(_automatic_gc_paused())
+        # Everything but the weights is made on this thread while the main one plans and the engine streams.
+        side = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="warm-side"))
+        side.submit(_warm_up_side_files, tqdm_class is None)
         opened = open_sources(sources, stack, token=token)
         checkpoints = [read_checkpoint(s) for s in opened]
         labels = [s.label for s in opened]
@@ -192,10 +195,11 @@ def merge(
                 Ingredient(source=s.label, weight=w, revision=s.revision, local=s.is_local)
                 for s, w in zip(opened, plan.weights, strict=True)
             ]
-            # Everything but the weights is made while the engine streams (it leaves a core idle part of the time).
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="warm-side") as side:
-                prepared = side.submit(_prepare_side_files, plan, opened, configs, ingredients, partial, token=token)
+            prepared = side.submit(_prepare_side_files, plan, opened, configs, ingredients, partial, token=token)
+            try:
                 digests = _run_engine(plan, opened, partial, journal, torch_device, allow_non_finite, tqdm_class)
+            finally:
+                wait([prepared])
             journal.close()
             try:
                 found = prepared.result()
@@ -260,6 +264,15 @@ def _run_engine(plan, sources, partial, journal, device, allow_non_finite, tqdm_
             on_progress=bar.update,
         )
         return engine.run()
+
+
+def _warm_up_side_files(progress_bar: bool) -> None:
+    """Import what the side files and the progress bar need and compile the card's template, off the main thread."""
+    from .card import load_template
+
+    load_template()
+    if progress_bar:
+        from huggingface_hub.utils import tqdm  # noqa: F401
 
 
 def _prepare_side_files(
