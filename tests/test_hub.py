@@ -30,7 +30,7 @@ def members(tmp_path_factory) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def local_merge(members, tmp_path_factory) -> dict[str, str]:
-    """Shard sha256s of the same merge made from the local folders: what every Hub merge must reproduce."""
+    """Shard hashes of the same merge made from the local folders: what every Hub merge must reproduce."""
     return merge(members, tmp_path_factory.mktemp("local") / "warm").shards
 
 

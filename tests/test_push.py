@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 import warm_hub
 from warm_hub.errors import IncompleteOutputError
 from warm_hub.hub import HubAccessError, HubTransferError, check_merge_output, push_to_hub
+from warm_hub.recipe import WarmRecipe
 from warm_hub.testing.checkpoints import make_members
 
 merge = warm_hub.merge
@@ -104,15 +106,22 @@ def damage_no_index(folder: Path) -> None:
     (folder / "model.safetensors.index.json").unlink()
 
 
+def damage_unknown_hash(folder: Path) -> None:
+    recipe = WarmRecipe.load(folder)
+    recipe.shards = {name: "md4:" + digest.split(":")[-1] for name, digest in recipe.shards.items()}
+    recipe.save(folder)
+
+
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
         (damage_missing_shard, "listed in warm_recipe.yaml is missing"),
-        (damage_altered_shard, "does not match the sha256 in warm_recipe.yaml"),
+        (damage_altered_shard, "does not match the hash in warm_recipe.yaml"),
         (damage_no_recipe, "no warm_recipe.yaml; not a warm-hub merge output"),
         (damage_no_config, "config.json is missing"),
         (damage_partial, "unfinished merge"),
         (damage_no_index, "model.safetensors.index.json is missing"),
+        (damage_unknown_hash, "unknown shard hash 'md4'"),
     ],
 )
 def test_push_refuses_an_incomplete_output_before_any_request(authed, output, run_cli, damage, message):
@@ -151,7 +160,7 @@ def test_dropped_uploads_are_retried(authed, output):
     authed.drop(times=1, path="/upload/", method="PUT")
     push_to_hub(output, "alice/warm-rm")
     assert not authed.faults
-    assert set(check_merge_output(output)[1]) <= set(authed.files("alice/warm-rm"))
+    assert set(check_merge_output(output).shards) <= set(authed.files("alice/warm-rm"))
 
 
 def test_push_without_a_token_or_without_write_access(hub_server, output):
@@ -168,3 +177,18 @@ def test_push_to_an_existing_repo_adds_one_commit(authed, output):
     push_to_hub(output, "alice/warm-rm", commit_message="again")
     assert len(authed.repos["alice/warm-rm"].commits) == 2  # initial, then one: the unchanged files are skipped
     assert b"# stale" not in authed.files("alice/warm-rm")["README.md"]
+
+
+@pytest.mark.parametrize("form", ["sha256:{}", "{}"])
+def test_recipes_with_sha256_hashes_are_still_checked(output, form):
+    """Recipes may name SHA-256 (`sha256:<hex>`, or bare hex as warm-hub's first versions wrote it)."""
+    recipe = WarmRecipe.load(output)
+    recipe.shards = {
+        name: form.format(hashlib.sha256((output / name).read_bytes()).hexdigest()) for name in recipe.shards
+    }
+    recipe.save(output)
+    assert check_merge_output(output).shards == recipe.shards
+    first = next(iter(recipe.shards))
+    (output / first).write_bytes((output / first).read_bytes()[:-1] + b"\0")
+    with pytest.raises(IncompleteOutputError, match="does not match the hash"):
+        check_merge_output(output)

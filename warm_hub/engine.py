@@ -9,7 +9,6 @@ for `--resume`. Memory is the pool, whatever the size of a tensor or a shard.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import queue
 import threading
@@ -30,6 +29,7 @@ from .errors import (
 )
 from .journal import ResumeJournal
 from .plan import MergePlan, OutputTensor
+from .recipe import shard_digest, shard_hasher
 from .safetensors_io import itemsize, torch_dtype
 from .sizes import format_size
 from .sources import IngredientSource
@@ -249,7 +249,7 @@ class MergeEngine:
         self._warned: set[str] = set()
 
     def run(self) -> dict[str, str]:
-        """Write every shard; return the sha256 of each shard file (also the Hub's LFS object id)."""
+        """Write every shard; return the content hash of each shard file (`xxh3_128:<hex>`, see `recipe`)."""
         done = self.journal.done()
         items = work_items(self.plan, self.chunk)
         writer = ShardWriter(self.plan, self.folder, create=False)
@@ -473,7 +473,9 @@ class MergeEngine:
     def _hash(self, writer: ShardWriter, written: queue.Queue, slots: queue.Queue, digests: dict[str, str]) -> None:
         """Hash the shards in file order, journal each written chunk and hand its buffers back to the reader."""
         shards = self.plan.shards
-        hashers = [hashlib.sha256(shard.header) for shard in shards]
+        hashers = [shard_hasher() for _ in shards]
+        for hasher, shard in zip(hashers, shards, strict=True):
+            hasher.update(shard.header)
         readback: torch.Tensor | None = None
         while True:
             message = written.get()
@@ -498,4 +500,4 @@ class MergeEngine:
             self.on_progress(nbytes)
         if not self._stop.is_set():
             for shard, hasher in zip(shards, hashers, strict=True):
-                digests[shard.filename] = hasher.hexdigest()
+                digests[shard.filename] = shard_digest(hasher)

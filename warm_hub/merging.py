@@ -59,7 +59,7 @@ class MergeResult:
 
     Attributes:
         out: the output folder.
-        shards: output shard file name -> sha256.
+        shards: output shard file name -> content hash (`xxh3_128:<hex>`).
         total_size: bytes of tensor data written.
         seconds: wall time of the merge (without the push).
         resumed_chunks: chunks reused from an interrupted run (`resume=True`).

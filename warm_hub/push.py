@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -15,7 +14,7 @@ from . import __version__
 from .errors import IncompleteOutputError
 from .hub_errors import LOGIN_HINT, HubAccessError, HubTransferError, has_token
 from .journal import JOURNAL_NAME
-from .recipe import RECIPE_NAME, WarmRecipe
+from .recipe import RECIPE_NAME, WarmRecipe, hash_file
 from .sources import SAFE_INDEX
 
 logger = logging.get_logger(__name__)
@@ -23,11 +22,11 @@ logger = logging.get_logger(__name__)
 PARTIAL_SUFFIX = ".warm-hub-partial"  # same as merge.PARTIAL_SUFFIX; not imported to keep torch out of `push`
 
 
-def check_merge_output(folder: str | os.PathLike) -> tuple[WarmRecipe, dict[str, str]]:
-    """Check that `folder` is a complete warm-hub merge output and hash its shards.
+def check_merge_output(folder: str | os.PathLike) -> WarmRecipe:
+    """Check that `folder` is a complete warm-hub merge output whose shards match their hashes in the recipe.
 
     Returns:
-        The recipe, and shard file name -> sha256 (verified against the recipe).
+        The recipe.
 
     Raises:
         IncompleteOutputError: not a folder, a partial merge, or a missing or altered file.
@@ -42,17 +41,18 @@ def check_merge_output(folder: str | os.PathLike) -> tuple[WarmRecipe, dict[str,
         raise IncompleteOutputError(f"{folder}: config.json is missing; not a complete merge output")
     if not recipe.shards:
         raise IncompleteOutputError(f"{folder}: {RECIPE_NAME} lists no weight shards")
-    digests = {}
     for name, expected in recipe.shards.items():
         path = folder / name
         if not path.is_file():
             raise IncompleteOutputError(f"{folder}: shard {name} listed in {RECIPE_NAME} is missing")
-        digest = _sha256(path)
+        try:
+            digest = hash_file(path, expected)
+        except ValueError as exc:
+            raise IncompleteOutputError(f"{folder}: {RECIPE_NAME}: {exc}") from None
         if digest != expected:
             raise IncompleteOutputError(
-                f"{folder}: {name} does not match the sha256 in {RECIPE_NAME} (altered or truncated); merge again"
+                f"{folder}: {name} does not match the hash in {RECIPE_NAME} (altered or truncated); merge again"
             )
-        digests[name] = digest
     if len(recipe.shards) > 1 or (folder / SAFE_INDEX).exists():
         try:
             index = json.loads((folder / SAFE_INDEX).read_text(encoding="utf-8"))
@@ -61,15 +61,7 @@ def check_merge_output(folder: str | os.PathLike) -> tuple[WarmRecipe, dict[str,
             raise IncompleteOutputError(f"{folder}: {SAFE_INDEX} is missing or malformed") from None
         if files != set(recipe.shards):
             raise IncompleteOutputError(f"{folder}: {SAFE_INDEX} and {RECIPE_NAME} name different shards")
-    return recipe, digests
-
-
-def _sha256(path: Path) -> str:
-    hasher = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(8 * 1024 * 1024), b""):
-            hasher.update(block)
-    return hasher.hexdigest()
+    return recipe
 
 
 def upload_files(folder: Path) -> list[Path]:
@@ -113,17 +105,14 @@ def push_to_hub(
     from .card import write_card
 
     folder = Path(folder)
-    recipe, digests = check_merge_output(folder)
+    recipe = check_merge_output(folder)
     write_card(folder, repo_id=repo_id, token=token)
     api = HfApi(endpoint=constants.ENDPOINT, library_name="warm-hub", library_version=__version__)
     files = upload_files(folder)
     operations = []
     for path in files:
         name = path.relative_to(folder).as_posix()
-        operation = CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))
-        if name in digests:  # already hashed while checking: spare the client a second pass over the shards
-            operation.upload_info.sha256 = bytes.fromhex(digests[name])
-        operations.append(operation)
+        operations.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)))
     message = commit_message or (
         f"WARM merge of {len(recipe.ingredients)} reward models (warm-hub {recipe.tool_version or __version__})"
     )

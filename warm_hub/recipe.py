@@ -1,18 +1,55 @@
 """`warm_recipe.yaml`: exactly what a merge was made of, written beside its output.
 
 The recipe names each ingredient (repo id and commit sha, or a local folder name: never an absolute path), its
-weight, the output dtype, the tool version and the sha256 of every output shard. It holds no timestamps, so the
-same inputs give the same bytes.
+weight, the output dtype, the tool version and a content hash of every output shard (`xxh3_128:<hex>`). It holds
+no timestamps, so the same inputs give the same bytes.
+
+Why XXH3-128 rather than SHA-256: the hash is computed while the merge streams, and one SHA-256 stream runs at
+1.4 GB/s on a current core, a quarter of a 2-core merge's CPU time and a ceiling of ~5.6 GB/s of bf16 input for
+a 4-way GPU merge; XXH3 runs at 9 GB/s. The recipe's hash checks integrity and determinism (it is not signed, so
+it was never a defence against tampering), and the Hub computes its own SHA-256 of every file at upload.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import IncompleteOutputError
 
 RECIPE_NAME = "warm_recipe.yaml"
+SHARD_HASH = "xxh3_128"
+
+
+def shard_hasher(algorithm: str = SHARD_HASH):
+    """A new hasher for shard bytes (`update`, `hexdigest`): XXH3-128 for new recipes; SHA-256 to check older ones."""
+    if algorithm == "xxh3_128":
+        import xxhash
+
+        return xxhash.xxh3_128()
+    if algorithm == "sha256":
+        return hashlib.sha256()
+    raise ValueError(f"unknown shard hash {algorithm!r}")
+
+
+def shard_digest(hasher, algorithm: str = SHARD_HASH) -> str:
+    """How a shard's hash is written in the recipe: `algorithm:hex`."""
+    return f"{algorithm}:{hasher.hexdigest()}"
+
+
+def hash_file(path: Path, like: str) -> str:
+    """The hash of a file in the form of `like` (a recipe entry: `xxh3_128:<hex>`, `sha256:<hex>` or bare SHA-256).
+
+    Raises:
+        ValueError: `like` names an unknown algorithm.
+    """
+    algorithm = like.split(":", 1)[0] if ":" in like else "sha256"
+    hasher = shard_hasher(algorithm)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(8 * 1024 * 1024), b""):
+            hasher.update(block)
+    return shard_digest(hasher, algorithm) if ":" in like else hasher.hexdigest()
 
 
 @dataclass
@@ -27,7 +64,7 @@ class Ingredient:
 class WarmRecipe:
     ingredients: list[Ingredient]
     dtype: str = field(metadata={"help": "output dtype of floating tensors, or 'auto' (kept per tensor)"})
-    shards: dict[str, str] = field(metadata={"help": "output shard file name -> sha256 of its bytes"})
+    shards: dict[str, str] = field(metadata={"help": "output shard file name -> content hash (`xxh3_128:<hex>`)"})
     total_size: int = field(metadata={"help": "bytes of tensor data in the output"})
     method: str = field(default="linear", metadata={"help": "weight averaging (WARM); fp32 accumulation"})
     tool: str = field(default="warm-hub", metadata={"help": "what made the merge"})
