@@ -37,9 +37,10 @@ from .sources import IngredientSource
 logger = logging.get_logger(__name__)
 
 PIPELINE_DEPTH = 4  # one chunk being read, one averaged, one written, one hashed
-# On the CPU a chunk's output (4 MiB in bf16) stays in cache from the averaging to the write and the hash; the
-# GPU wants bigger transfers.
-MAX_CHUNK_ELEMENTS = {"cpu": 2 * 1024 * 1024, "cuda": 8 * 1024 * 1024}
+MAX_CHUNK_ELEMENTS = 8 * 1024 * 1024
+# Memory-mapped local inputs averaged on the CPU: a chunk's output (4 MiB in bf16) stays in cache from the
+# averaging to the write and the hash. Reads that copy (HTTP ranges, pinned memory for the GPU) want big requests.
+MAX_MAPPED_CPU_CHUNK_ELEMENTS = 2 * 1024 * 1024
 MIN_CHUNK_ELEMENTS = 4096
 # A chunk is split between averaging threads only when each part is at least this big.
 MIN_PARALLEL_ELEMENTS = 1 << 20
@@ -58,8 +59,10 @@ class WorkItem:
     count: int
 
 
-def chunk_elements(plan: MergePlan, max_memory: int, device: str = "cpu") -> int:
-    """The largest chunk (in elements) whose pipeline of buffers fits in `max_memory`, at most the device's cap.
+def chunk_elements(plan: MergePlan, max_memory: int, *, mapped_cpu: bool = False) -> int:
+    """The largest chunk (in elements) whose pipeline of buffers fits in `max_memory`.
+
+    `mapped_cpu`: every input is a local file averaged on the CPU (smaller chunks, kept in cache).
 
     Raises:
         InvalidOptionError: the budget cannot hold even the smallest useful chunk.
@@ -67,7 +70,7 @@ def chunk_elements(plan: MergePlan, max_memory: int, device: str = "cpu") -> int
     per_element = sum(widest_inputs(plan)) + widest_output(plan)
     # The writer needs one more output-sized buffer to re-read finished chunks on --resume.
     per_element = per_element * PIPELINE_DEPTH + widest_output(plan)
-    elements = min(max_memory // per_element, MAX_CHUNK_ELEMENTS.get(device, MAX_CHUNK_ELEMENTS["cpu"]))
+    elements = min(max_memory // per_element, MAX_MAPPED_CPU_CHUNK_ELEMENTS if mapped_cpu else MAX_CHUNK_ELEMENTS)
     elements -= elements % CHUNK_ALIGNMENT
     if elements < MIN_CHUNK_ELEMENTS:
         need = MIN_CHUNK_ELEMENTS * per_element

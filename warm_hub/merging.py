@@ -181,7 +181,8 @@ def merge(
         try:
             journal = ResumeJournal.load(partial, fingerprint=fingerprint) if resume else None
             if journal is None:
-                chunk = chunk_elements(plan, memory, torch_device.type)
+                mapped_cpu = torch_device.type == "cpu" and all(s.is_local for s in opened)
+                chunk = chunk_elements(plan, memory, mapped_cpu=mapped_cpu)
                 if partial.exists():
                     shutil.rmtree(partial)
                 partial.mkdir(parents=True)
