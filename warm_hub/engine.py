@@ -70,7 +70,10 @@ def chunk_elements(plan: MergePlan, max_memory: int, *, mapped_cpu: bool = False
     per_element = sum(widest_inputs(plan)) + widest_output(plan)
     # The writer needs one more output-sized buffer to re-read finished chunks on --resume.
     per_element = per_element * PIPELINE_DEPTH + widest_output(plan)
-    elements = min(max_memory // per_element, MAX_MAPPED_CPU_CHUNK_ELEMENTS if mapped_cpu else MAX_CHUNK_ELEMENTS)
+    cap = MAX_CHUNK_ELEMENTS
+    if mapped_cpu:  # one cache-sized part per averaging thread
+        cap = min(cap, MAX_MAPPED_CPU_CHUNK_ELEMENTS * averaging_threads())
+    elements = min(max_memory // per_element, cap)
     elements -= elements % CHUNK_ALIGNMENT
     if elements < MIN_CHUNK_ELEMENTS:
         need = MIN_CHUNK_ELEMENTS * per_element

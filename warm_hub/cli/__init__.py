@@ -141,10 +141,11 @@ def console_main() -> None:
             print(exc.code, file=sys.stderr)
             code = 1
     others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
-    if others or os.environ.get("WARM_HUB_DEBUG", "") not in ("", "0"):
+    run_exit_functions = getattr(atexit, "_run_exitfuncs", None)  # CPython's; elsewhere exit the usual way
+    if others or run_exit_functions is None or os.environ.get("WARM_HUB_DEBUG", "") not in ("", "0"):
         sys.exit(code)
     try:
-        atexit._run_exitfuncs()
+        run_exit_functions()
         sys.stdout.flush()
         sys.stderr.flush()
     finally:
