@@ -15,6 +15,7 @@ subtracting two process timings; the whole-process wall times are reported too. 
 
     python benchmarks/bench_merge.py                      # 4 x 126M params bf16, CPU
     python benchmarks/bench_merge.py --device cuda        # also the GPU path (on a CUDA machine)
+    python benchmarks/bench_merge.py --mergekit /path/to/venv/bin/mergekit-yaml   # and mergekit, end to end
 """
 
 from __future__ import annotations
@@ -114,9 +115,30 @@ def write_checkpoint(folder: Path, shapes, dtype: torch.dtype, seed: int) -> Pat
                 count = min(1 << 24, numel - start)
                 values = (torch.randn(count, generator=generator) * 0.02).to(dtype)
                 f.write(memoryview(values.view(torch.uint8).numpy()))
-    config = {"architectures": ["LlamaForSequenceClassification"], "model_type": "llama", "num_labels": 1}
+    (vocab, hidden), layers = shapes[0][1], sum(name.endswith("q_proj.weight") for name, _ in shapes)
+    config = {
+        "architectures": ["LlamaForSequenceClassification"],
+        "model_type": "llama",
+        "num_labels": 1,
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": next(s[0] for n, s in shapes if n.endswith("gate_proj.weight")),
+        "num_hidden_layers": layers,
+        "num_attention_heads": max(1, hidden // 64),
+        "num_key_value_heads": max(1, hidden // 64),
+        "pad_token_id": 0,
+    }
     (folder / "config.json").write_text(json.dumps(config))
     return folder
+
+
+def mergekit_config(members: list[Path], dtype: str, path: Path) -> Path:
+    """mergekit's linear merge of `members` with equal weights (what `warm-hub merge` computes)."""
+    lines = ["merge_method: linear", f"dtype: {dtype}", "models:"]
+    for member in members:
+        lines += [f"  - model: {member}", "    parameters: {weight: 1.0}"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def timed(args: list[str], env: dict | None = None) -> tuple[float, float | None, float | None, int]:
@@ -177,6 +199,11 @@ def main() -> None:
     parser.add_argument("--skip-rss", action="store_true")
     parser.add_argument("--workdir", type=Path, default=None, help="where to build checkpoints (default: a temp dir)")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON")
+    parser.add_argument(
+        "--mergekit",
+        type=Path,
+        help="a `mergekit-yaml` executable (its own environment): also time mergekit's linear merge, end to end",
+    )
     args = parser.parse_args()
 
     dtype = getattr(torch, args.dtype)
@@ -207,6 +234,21 @@ def main() -> None:
                 "read": ([py, "-c", PLAIN_READ, *files], None),
                 "merge": (merge_args, out),
                 "naive": ([py, "-c", NAIVE, *files, str(work / "naive.safetensors")], work / "naive.safetensors"),
+                **(
+                    {
+                        "mergekit": (
+                            [
+                                str(args.mergekit),
+                                str(mergekit_config(members, args.dtype, work / "mergekit.yml")),
+                                str(work / "mergekit-out"),
+                                "--no-copy-tokenizer",
+                            ],
+                            work / "mergekit-out",
+                        )
+                    }
+                    if args.mergekit
+                    else {}
+                ),
             },
             env,
         )
@@ -233,6 +275,18 @@ def main() -> None:
             "naive_torch_s before Python's exit": figures["naive"]["work_before_exit_best"],
             "merge_process_s (whole, best)": figures["merge"]["wall_best"],
             "naive_process_s (whole, best)": figures["naive"]["wall_best"],
+            **(
+                {
+                    "mergekit_process_s (whole, best)": figures["mergekit"]["wall_best"],
+                    "mergekit_over_merge (whole processes, start-up included): best / medians": (
+                        f"{figures['mergekit']['wall_best'] / figures['merge']['wall_best']:.2f} / "
+                        f"{figures['mergekit']['wall_median'] / figures['merge']['wall_median']:.2f}"
+                    ),
+                    "mergekit_peak_rss_MB": figures["mergekit"]["peak_rss"] / 1e6,
+                }
+                if args.mergekit
+                else {}
+            ),
             "import_baseline_rss_MB": figures["startup"]["peak_rss"] / 1e6,
             "merge_peak_rss_MB": figures["merge"]["peak_rss"] / 1e6,
             "naive_peak_rss_MB": figures["naive"]["peak_rss"] / 1e6,
