@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -145,6 +146,29 @@ def test_same_inputs_same_bytes_whatever_the_chunking(tmp_path):
         assert (big.out / name).read_bytes() == (small.out / name).read_bytes()
     readme_big = (big.out / "README.md").read_text().replace("big", "X")
     assert readme_big == (small.out / "README.md").read_text().replace("small", "X")
+
+
+@pytest.mark.parametrize("kernel", ["auto", "torch"])
+def test_same_bytes_when_chunks_are_split_across_averaging_threads(tmp_path, monkeypatch, kernel):
+    """Many-core machines split each chunk between averaging threads (and, here, the C kernel or torch)."""
+    from warm_hub import engine
+
+    paths = make_members(tmp_path, count=3, dtype=torch.bfloat16)
+    one = warm_hub.merge(paths, tmp_path / "one")
+    monkeypatch.setenv("WARM_HUB_CPU_THREADS", "3")
+    monkeypatch.setenv("WARM_HUB_CPU_KERNEL", kernel)
+    monkeypatch.setattr(engine, "MIN_PARALLEL_ELEMENTS", engine.CHUNK_ALIGNMENT)
+    threads = set()
+    average = engine.weighted_average_into
+
+    def spy(*args):
+        threads.add(threading.current_thread().name.split("_")[0])
+        return average(*args)
+
+    monkeypatch.setattr(engine, "weighted_average_into", spy)
+    three = warm_hub.merge(paths, tmp_path / "three")
+    assert threads == {"MainThread", "warm-avg"}
+    assert (one.out / "model.safetensors").read_bytes() == (three.out / "model.safetensors").read_bytes()
 
 
 def _raw_checkpoint(path: Path, floats: torch.Tensor, ints: torch.Tensor) -> Path:

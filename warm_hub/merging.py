@@ -285,12 +285,12 @@ def _prepare_side_files(
     *,
     token: str | bool | None,
 ) -> tuple[str | None, list[str] | None]:
-    """Index, config and tokenizer files; the card's template and the ingredients' license and datasets.
+    """Index, config and tokenizer files, and the ingredients' license and datasets (the card's slow inputs).
 
     Returns:
         `ingredient_metadata(ingredients)`: the license and datasets read from the ingredients' Hub cards.
     """
-    from .card import ingredient_metadata, load_template
+    from .card import ingredient_metadata
     from .safetensors_io import DTYPES
 
     if plan.sharded:
@@ -311,7 +311,6 @@ def _prepare_side_files(
             path = first.fetch(name)
             if path is not None:
                 shutil.copyfile(path, folder / name)
-    load_template()
     return ingredient_metadata(ingredients, token=token)
 
 
