@@ -24,7 +24,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if "gpu" in item.keywords and _HERE in Path(item.path).resolve().parents:
+        if item.get_closest_marker("gpu") is not None and _HERE in Path(item.path).resolve().parents:
             item.add_marker(skip)
 
 
