@@ -160,6 +160,7 @@ def test_fp16_overflow_is_reported(tmp_path, run_cli):
     for path in (a, b):
         path.mkdir()
         save_file({"w": torch.full((8,), 1e5)}, path / "model.safetensors")
+        (path / "config.json").write_text("{}")
     check_failure(run_cli, tmp_path / "out", [a, b, "--dtype", "float16"], "overflows")
 
 

@@ -174,6 +174,7 @@ def test_same_bytes_when_chunks_are_split_across_averaging_threads(tmp_path, mon
 def _raw_checkpoint(path: Path, floats: torch.Tensor, ints: torch.Tensor) -> Path:
     path.mkdir()
     save_file({"score.weight": floats, "position_ids": ints, "flag": ints > 2}, path / "model.safetensors")
+    (path / "config.json").write_text('{"model_type": "raw"}')
     return path
 
 

@@ -60,7 +60,7 @@ def test_round_trip_matches_safetensors_library(tmp_path):
         (lambda h: h | {"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, "invalid data_offsets"),
         (lambda h: h | {"b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, "overlap"),
         (lambda h: h | {"b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}, "truncated"),
-        (lambda h: h | {"a": {"dtype": "F32", "shape": [2]}}, "exactly the keys"),
+        (lambda h: h | {"a": {"dtype": "F32", "shape": [2]}}, "must have the keys"),
         (lambda h: h | {"__metadata__": {"format": 1}}, "__metadata__"),
         (lambda h: [1, 2], "not a JSON object"),
         (lambda h: h | {"a": {"dtype": "F32", "shape": [2**40] * 3, "data_offsets": [0, 8]}}, "impossibly large"),
@@ -160,3 +160,126 @@ def test_random_json_headers_never_crash(value):
         parse_file(struct.pack("<Q", len(raw)) + raw + bytes(64))
     except CheckpointFormatError:
         pass
+
+
+# --- As strict as the reference parser: the safetensors library refuses a file <=> warm-hub refuses it. ---
+
+E = b'"dtype":"F32","shape":[2],"data_offsets":[0,8]'
+REFERENCE_CASES = {
+    # name: (header JSON bytes, data bytes)
+    "valid": (b'{"a":{' + E + b"}}", 8),
+    "gap between tensors": (b'{"a":{' + E + b'},"b":{"dtype":"F32","shape":[2],"data_offsets":[16,24]}}', 24),
+    "data not at offset 0": (b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}', 16),
+    "bytes after the last tensor": (b'{"a":{' + E + b"}}", 9),
+    "data cut short": (b'{"a":{' + E + b"}}", 4),
+    "__metadata__ twice": (b'{"__metadata__":{},"__metadata__":{},"a":{' + E + b"}}", 8),
+    "a field twice": (b'{"a":{"shape":[2],' + E + b"}}", 8),
+    "metadata key twice": (b'{"__metadata__":{"k":"1","k":"2"},"a":{' + E + b"}}", 8),
+    "metadata null": (b'{"__metadata__":null,"a":{' + E + b"}}", 8),
+    "metadata a list": (b'{"__metadata__":[],"a":{' + E + b"}}", 8),
+    "metadata a number": (b'{"__metadata__":{"k":1},"a":{' + E + b"}}", 8),
+    "extra field": (b'{"a":{' + E + b',"note":[1,{"x":null}]}}', 8),
+    "entry as a list": (b'{"a":["F32",[2],[0,8]]}', 8),
+    "entry as a short list": (b'{"a":["F32",[2]]}', 8),
+    "dtype as a map": (b'{"a":{"dtype":{"F32":null},"shape":[2],"data_offsets":[0,8]}}', 8),
+    "dtype as a map with a value": (b'{"a":{"dtype":{"F32":1},"shape":[2],"data_offsets":[0,8]}}', 8),
+    "empty tensor name": (b'{"":{' + E + b"}}", 8),
+    "empty header": (b"{}", 0),
+    "empty header, stray bytes": (b"{}", 3),
+    "zero-size tensors at one offset": (
+        b'{"a":{"dtype":"F32","shape":[0],"data_offsets":[8,8]},"b":{' + E + b"}}",
+        8,
+    ),
+    "huge dimension times zero": (b'{"a":{"dtype":"F32","shape":[18446744073709551615,0],"data_offsets":[0,0]}}', 0),
+    "dimension beyond u64": (b'{"a":{"dtype":"F32","shape":[18446744073709551616,0],"data_offsets":[0,0]}}', 0),
+    "shape product overflows": (b'{"a":{"dtype":"F32","shape":[4294967296,4294967296,0],"data_offsets":[0,0]}}', 0),
+    "minus zero": (b'{"a":{"dtype":"F32","shape":[-0],"data_offsets":[0,0]}}', 0),
+    "float dimension": (b'{"a":{"dtype":"F32","shape":[2.0],"data_offsets":[0,8]}}', 8),
+    "NaN literal": (b'{"a":{' + E + b',"x":NaN}}', 8),
+    "number out of range": (b'{"a":{' + E + b',"x":1e400}}', 8),
+    "long integer": (b'{"a":{' + E + b',"x":' + b"9" * 400 + b"}}", 8),
+    "lone surrogate": (b'{"a":{' + E + b',"x":"\\ud800"}}', 8),
+    "surrogate pair": (b'{"\\ud83d\\ude00":{' + E + b"}}", 8),
+    "control character": (b'{"a\x01":{' + E + b"}}", 8),
+    "trailing whitespace": (b'{"a":{' + E + b"}} \t\n", 8),
+    "trailing NUL padding": (b'{"a":{' + E + b"}}\x00", 8),
+    "nested 127 deep": (b'{"a":{' + E + b',"x":' + b"[" * 125 + b"]" * 125 + b"}}", 8),
+    "nested 128 deep": (b'{"a":{' + E + b',"x":' + b"[" * 126 + b"]" * 126 + b"}}", 8),
+    "lowercase dtype": (b'{"a":{"dtype":"f32","shape":[2],"data_offsets":[0,8]}}', 8),
+    "three offsets": (b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8,8]}}', 8),
+    "top level a list": (b"[]", 0),
+    "byte order mark": (b"\xef\xbb\xbf{}", 0),
+}
+
+
+def library_refuses(blob: bytes, tmp_path) -> bool:
+    from safetensors import safe_open
+
+    path = tmp_path / "ref.safetensors"
+    path.write_bytes(blob)
+    try:
+        with safe_open(path, "pt") as f:
+            list(f.keys())
+    except Exception:  # noqa: BLE001 - any refusal by the reference counts
+        return True
+    return False
+
+
+def we_refuse(blob: bytes) -> bool:
+    try:
+        parse_file(blob)
+    except CheckpointFormatError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("case", sorted(REFERENCE_CASES))
+def test_refuses_exactly_what_the_reference_refuses(case, tmp_path):
+    raw, data = REFERENCE_CASES[case]
+    blob = struct.pack("<Q", len(raw)) + raw + bytes(data)
+    assert we_refuse(blob) == library_refuses(blob, tmp_path), case
+
+
+def test_header_size_limit_is_the_reference_limit(tmp_path):
+    # The reference refuses a header length over 100_000_000 before reading it: so do we (and not 100 MiB).
+    assert MAX_HEADER_BYTES == 100_000_000
+    for length in (MAX_HEADER_BYTES, MAX_HEADER_BYTES + 1):
+        blob = struct.pack("<Q", length) + b"{}"
+        with pytest.raises(CheckpointFormatError, match="over the" if length > MAX_HEADER_BYTES else "past the end"):
+            parse_file(blob)
+        assert library_refuses(blob, tmp_path)
+
+
+def test_duplicate_tensor_names_are_refused():
+    """The one deliberate difference: the reference keeps the last of two entries of one name; we refuse."""
+    raw = b'{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},"a":{' + E + b"}}"
+    with pytest.raises(CheckpointFormatError, match="given twice"):
+        parse_file(struct.pack("<Q", len(raw)) + raw + bytes(8))
+
+
+reference_entries = st.lists(
+    st.tuples(
+        st.sampled_from(["a", "b", "c", "__metadata__"]),
+        st.sampled_from(["F32", "BF16", "I8", "BOOL", "X"]),
+        st.lists(st.integers(min_value=0, max_value=3), max_size=2),
+        st.lists(st.integers(min_value=0, max_value=40), min_size=2, max_size=2),
+    ),
+    max_size=4,
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(entries=reference_entries, data=st.integers(min_value=0, max_value=40), tail=st.sampled_from(["", " ", "x"]))
+def test_random_headers_agree_with_the_reference(entries, data, tail, tmp_path):
+    # Written by hand (not json.dumps of a dict) so that names can repeat, as in a hostile file.
+    parts = [
+        json.dumps(name) + ":" + json.dumps({"dtype": code, "shape": shape, "data_offsets": offsets})
+        for name, code, shape, offsets in entries
+    ]
+    raw = ("{" + ",".join(parts) + "}" + tail).encode()
+    blob = struct.pack("<Q", len(raw)) + raw + bytes(data)
+    names = [name for name, *_ in entries if name != "__metadata__"]
+    if len(set(names)) < len(names):
+        assert we_refuse(blob)  # the deliberate difference
+    else:
+        assert we_refuse(blob) == library_refuses(blob, tmp_path)

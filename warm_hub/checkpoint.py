@@ -1,7 +1,7 @@
 """A checkpoint's weight layout, read from safetensors headers only (never the tensor data).
 
-`read_checkpoint` finds the weight files of a source (single file or sharded with an index), validates every
-header and the index, and returns where each tensor lives.
+`read_checkpoint` finds the weight files of a source (single file or sharded with an index) by the rule
+transformers loads them with, validates every header and the index, and returns where each tensor lives.
 """
 
 from __future__ import annotations
@@ -10,11 +10,20 @@ import json
 import posixpath
 from dataclasses import dataclass, field
 
-from .errors import CheckpointFormatError, PickleCheckpointError
+from huggingface_hub.utils import logging
+
+from .configs import CONFIG_NAME, load_config
+from .errors import AdapterNotSupportedError, CheckpointFormatError, PickleCheckpointError
 from .safetensors_io import MAX_HEADER_BYTES, ShardHeader, TensorInfo, parse_header, parse_header_length
 from .sources import PICKLE_SUFFIXES, SAFE_INDEX, SAFE_SINGLE, IngredientSource, pickle_message
 
+logger = logging.get_logger(__name__)
+
 MAX_INDEX_BYTES = 64 * 1024 * 1024
+# PEFT's files: an adapter is a low-rank delta of a base model, not a model whose tensors can be averaged.
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+# The config.json key with which transformers (5.x, `_get_resolved_checkpoint_files`) is told which weights to load.
+EXPLICIT_WEIGHTS_KEY = "transformers_weights"
 
 
 @dataclass
@@ -34,8 +43,27 @@ class Checkpoint:
         return sum(t.nbytes for t in self.tensors.values())
 
 
+def refuse_adapter(source: IngredientSource) -> None:
+    """Refuse a PEFT (LoRA) adapter folder: averaging its A and B matrices is not averaging the adapted models.
+
+    Raises:
+        AdapterNotSupportedError: the source holds `adapter_config.json` or `adapter_model.*`.
+    """
+    found = [f for f in source.list_files() if f in ADAPTER_FILES]
+    if found:
+        raise AdapterNotSupportedError(
+            f"{source.label} is a PEFT/LoRA adapter ({found[0]}): warm-hub does not merge adapters yet (averaging"
+            " A and B separately is not the average of the adapted models); merge the full models instead, e.g."
+            " after PEFT's merge_and_unload()"
+        )
+
+
 def weight_files(source: IngredientSource) -> tuple[list[str], dict[str, str] | None]:
     """The safetensors files of a checkpoint and, when sharded, the index's weight map.
+
+    The files are the ones transformers would load (5.x, `_get_resolved_checkpoint_files`): the file named by
+    `transformers_weights` in config.json if any, else `model.safetensors`, else the index, so that the merge
+    averages what `from_pretrained` would run. A lone safetensors file of another name is also accepted.
 
     Raises:
         PickleCheckpointError: only `.bin`/`.pt` weights are present.
@@ -43,11 +71,25 @@ def weight_files(source: IngredientSource) -> tuple[list[str], dict[str, str] | 
     """
     files = source.list_files()
     top = [f for f in files if "/" not in f]
-    if SAFE_INDEX in top:
-        weight_map = _read_index(source)
-        return sorted(set(weight_map.values())), weight_map
+    explicit = _explicit_weights(source, files)
+    if explicit is not None:
+        if explicit.endswith(".safetensors.index.json"):
+            weight_map = _read_index(source, explicit)
+            return sorted(set(weight_map.values())), weight_map
+        return [explicit], None
     if SAFE_SINGLE in top:
+        if SAFE_INDEX in top:
+            logger.warning(
+                "%s holds both %s and %s: using %s, as transformers does (the index and its shards are ignored)",
+                source.label,
+                SAFE_SINGLE,
+                SAFE_INDEX,
+                SAFE_SINGLE,
+            )
         return [SAFE_SINGLE], None
+    if SAFE_INDEX in top:
+        weight_map = _read_index(source, SAFE_INDEX)
+        return sorted(set(weight_map.values())), weight_map
     safetensors = [f for f in top if f.endswith(".safetensors")]
     if len(safetensors) == 1:
         return safetensors, None
@@ -61,27 +103,45 @@ def weight_files(source: IngredientSource) -> tuple[list[str], dict[str, str] | 
     raise CheckpointFormatError(f"{source.label}: no safetensors weights found (expected {SAFE_SINGLE} or an index)")
 
 
-def _read_index(source: IngredientSource) -> dict[str, str]:
-    size = source.file_size(SAFE_INDEX)
+def _explicit_weights(source: IngredientSource, files: list[str]) -> str | None:
+    """The weights file config.json names with `transformers_weights`, checked as transformers checks it."""
+    if CONFIG_NAME not in files:
+        return None
+    name = (load_config(source) or {}).get(EXPLICIT_WEIGHTS_KEY)
+    if name is None:
+        return None
+    if not isinstance(name, str) or not name.endswith((".safetensors", ".safetensors.index.json")):
+        raise CheckpointFormatError(
+            f"{source.label}: config.json's {EXPLICIT_WEIGHTS_KEY} is {str(name)[:100]!r}, not a .safetensors file"
+            " or index (transformers refuses it too)"
+        )
+    _check_inside(source, name, what=f"config.json's {EXPLICIT_WEIGHTS_KEY}")
+    if name not in files:
+        raise CheckpointFormatError(f"{source.label}: config.json's {EXPLICIT_WEIGHTS_KEY} names {name!r}, missing")
+    return name
+
+
+def _check_inside(source: IngredientSource, file: str, *, what: str) -> None:
+    normal = posixpath.normpath(file)
+    if file.startswith(("/", "\\")) or normal.split("/")[0] == ".." or "\\" in file or ":" in file:
+        raise CheckpointFormatError(f"{source.label}: {what} names {file!r}, outside the checkpoint folder")
+
+
+def _read_index(source: IngredientSource, name: str) -> dict[str, str]:
+    size = source.file_size(name)
     if size > MAX_INDEX_BYTES:
-        raise CheckpointFormatError(f"{source.label}: {SAFE_INDEX} is {size} bytes, over the sane limit")
+        raise CheckpointFormatError(f"{source.label}: {name} is {size} bytes, over the sane limit")
     try:
-        index = json.loads(source.read_bytes(SAFE_INDEX, 0, size).decode("utf-8"))
+        index = json.loads(source.read_bytes(name, 0, size).decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
-        raise CheckpointFormatError(f"{source.label}: {SAFE_INDEX} is not valid JSON") from None
+        raise CheckpointFormatError(f"{source.label}: {name} is not valid JSON") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
-        raise CheckpointFormatError(f"{source.label}: {SAFE_INDEX} has no weight_map")
-    for name, file in weight_map.items():
+        raise CheckpointFormatError(f"{source.label}: {name} has no weight_map")
+    for tensor, file in weight_map.items():
         if not isinstance(file, str) or not file.endswith(".safetensors"):
-            raise CheckpointFormatError(
-                f"{source.label}: {SAFE_INDEX} maps {name!r} to {file!r}, not a safetensors file"
-            )
-        normal = posixpath.normpath(file)
-        if file.startswith(("/", "\\")) or normal.split("/")[0] == ".." or "\\" in file or ":" in file:
-            raise CheckpointFormatError(
-                f"{source.label}: {SAFE_INDEX} names shard {file!r}, outside the checkpoint folder"
-            )
+            raise CheckpointFormatError(f"{source.label}: {name} maps {tensor!r} to {file!r}, not a safetensors file")
+        _check_inside(source, file, what=f"{name} (shard of {tensor!r})")
     return weight_map
 
 
@@ -98,8 +158,10 @@ def read_checkpoint(source: IngredientSource) -> Checkpoint:
     """Read every header of a checkpoint and check them against its index.
 
     Raises:
+        AdapterNotSupportedError: the source is a PEFT adapter.
         CheckpointFormatError: malformed headers, duplicate tensors, or an index that disagrees with the shards.
     """
+    refuse_adapter(source)
     files, weight_map = weight_files(source)
     checkpoint = Checkpoint(source=source, shards=[])
     for file in files:
@@ -114,7 +176,7 @@ def read_checkpoint(source: IngredientSource) -> Checkpoint:
             found = checkpoint.tensors.get(name)
             if found is None or found.file != file:
                 raise CheckpointFormatError(
-                    f"{source.label}: {SAFE_INDEX} says {name!r} is in {file}, but that shard does not hold it"
+                    f"{source.label}: its index says {name!r} is in {file}, but that shard does not hold it"
                 )
     if not checkpoint.tensors:
         raise CheckpointFormatError(f"{source.label}: the checkpoint holds no tensors")

@@ -19,6 +19,10 @@ class PickleCheckpointError(CheckpointFormatError):
     """A checkpoint only has pickle weights (`.bin`, `.pt`), which warm-hub never unpickles."""
 
 
+class AdapterNotSupportedError(WarmHubError, ValueError):
+    """A source is a PEFT (LoRA) adapter, which `merge` does not average (yet)."""
+
+
 class SourceNotFoundError(WarmHubError, FileNotFoundError):
     """A source (folder, file or repo) does not exist."""
 
@@ -33,6 +37,14 @@ class NonFiniteWeightsError(WarmHubError, ValueError):
 
 class OutputExistsError(WarmHubError, FileExistsError):
     """The output folder exists and is not empty, and `overwrite` was not given."""
+
+
+class OutputOverlapsInputError(WarmHubError, ValueError):
+    """`out` is, contains or lies inside an ingredient: writing it would change or delete the inputs."""
+
+
+class OutputInUseError(WarmHubError, OSError):
+    """Another merge holds the lock of the same output folder."""
 
 
 class DiskFullError(WarmHubError, OSError):

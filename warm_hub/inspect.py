@@ -13,7 +13,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from .checkpoint import Checkpoint, read_checkpoint
-from .configs import config_differences, config_problems, load_config
+from .compatibility import check_compatibility, parse_allowed_mismatches
+from .configs import load_config
 from .plan import find_incompatibilities
 from .safetensors_io import is_floating, itemsize, torch_dtype
 from .sources import IngredientSource, open_sources
@@ -39,8 +40,9 @@ class InspectReport:
 
     Attributes:
         ingredients: one summary per source.
-        problems: reasons the sources cannot be merged (empty when they can).
-        config_differences: config keys that differ (key -> value per ingredient).
+        problems: reasons `merge` would refuse the sources (empty when it would merge them).
+        allowed: model-defining differences `merge` would accept with the same `allow_config_mismatch`.
+        config_differences: diversity config keys that differ (key -> value per ingredient).
         distances: when asked, pairwise L2 distances between the ingredients' floating weights.
         distance_to_mean: when asked, each ingredient's L2 distance to the uniform average.
         mean_norm: when asked, the L2 norm of the uniform average (to read distances relative to it).
@@ -48,6 +50,7 @@ class InspectReport:
 
     ingredients: list[IngredientSummary]
     problems: list[str]
+    allowed: list[str] = field(default_factory=list)
     config_differences: dict[str, list[object]] = field(default_factory=dict)
     distances: list[list[float]] | None = None
     distance_to_mean: list[float] | None = None
@@ -75,6 +78,7 @@ def inspect_ingredients(
     sources: list[str | os.PathLike | IngredientSource],
     *,
     distances: bool = False,
+    allow_config_mismatch: str | list[str] | None = None,
     token: str | bool | None = None,
     tqdm_class=None,
 ) -> InspectReport:
@@ -83,6 +87,7 @@ def inspect_ingredients(
     Args:
         sources: local folders/files or Hub repo ids, as for `merge`.
         distances: also stream every floating tensor to compute pairwise L2 distances.
+        allow_config_mismatch: as for `merge`: the verdict is the one `merge` would give with it.
         token: Hub token for Hub sources.
         tqdm_class: progress bar class for the distance pass.
 
@@ -96,14 +101,16 @@ def inspect_ingredients(
         opened = open_sources(sources, stack, token=token)
         checkpoints = [read_checkpoint(s) for s in opened]
         configs = [load_config(s) for s in opened]
-        labels = [c.label for c in checkpoints]
-        problems = find_incompatibilities(checkpoints) + config_problems(labels, configs)
+        verdict = check_compatibility(
+            checkpoints, configs, allow_mismatch=parse_allowed_mismatches(allow_config_mismatch)
+        )
         report = InspectReport(
             ingredients=[summarize(c, cfg) for c, cfg in zip(checkpoints, configs, strict=True)],
-            problems=problems,
-            config_differences=config_differences(labels, configs),
+            problems=verdict.problems,
+            allowed=verdict.allowed,
+            config_differences=verdict.differences,
         )
-        if distances and not problems:
+        if distances and not find_incompatibilities(checkpoints):
             _measure_distances(report, checkpoints, tqdm_class)
     return report
 

@@ -1,7 +1,8 @@
 """`warm_hub.merge`: average N reward-model checkpoints into one standard transformers checkpoint.
 
-Resolve the sources, read headers, plan, stream through the engine into a partial folder, add config,
-tokenizer, recipe and card, then rename the folder into place (and push it when asked).
+Resolve the sources, read headers, check the ingredients agree, plan, stream through the engine into a partial
+folder, add config, tokenizer, recipe and card, then rename the folder into place (and push it when asked), all
+under the output's lock.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from pathlib import Path
 from huggingface_hub.utils import logging
 
 from . import __version__
-from .checkpoint import read_checkpoint
-from .configs import CONFIG_NAME, config_differences, config_problems, load_config
+from .checkpoint import EXPLICIT_WEIGHTS_KEY, read_checkpoint
+from .compatibility import check_compatibility, parse_allowed_mismatches, refusal_message
+from .configs import CONFIG_NAME, load_config
 from .engine import DISK_FULL_ERRNOS, MergeEngine, ShardWriter, chunk_elements, disk_full
 from .errors import (
     CheckpointFormatError,
@@ -29,26 +31,27 @@ from .errors import (
     InvalidOptionError,
     NonFiniteWeightsError,
     OutputExistsError,
-    ResumeMismatchError,
+    OutputOverlapsInputError,
     WarmHubError,
 )
 from .journal import JOURNAL_NAME, ResumeJournal
+from .output_lock import output_lock
 from .plan import DEFAULT_SHARD_SIZE, MergePlan, plan_merge
 from .recipe import Ingredient, WarmRecipe
 from .sizes import parse_size
-from .sources import SAFE_INDEX, TOKENIZER_FILES, IngredientSource, open_sources
+from .sources import SAFE_INDEX, TOKENIZER_FILES, IngredientSource, LocalSource, open_sources
 
 logger = logging.get_logger(__name__)
 
 DEFAULT_MAX_MEMORY = 512 * 10**6
 PARTIAL_SUFFIX = ".warm-hub-partial"
-# Errors about the inputs or options: a rerun cannot continue them, so their partial output is removed.
+# Errors about the inputs or options met while writing: a rerun cannot continue them, so their partial output is
+# removed. A refused --resume (ResumeMismatchError) is raised before the partial folder is touched, and keeps it.
 _FINAL_ERRORS = (
     CheckpointFormatError,
     IncompatibleCheckpointsError,
     NonFiniteWeightsError,
     InvalidOptionError,
-    ResumeMismatchError,
     DiskFullError,
 )
 
@@ -63,7 +66,8 @@ class MergeResult:
         total_size: bytes of tensor data written.
         seconds: wall time of the merge (without the push).
         resumed_chunks: chunks reused from an interrupted run (`resume=True`).
-        config_differences: config keys that differ between ingredients (expected: dropout, ...).
+        config_differences: diversity config keys that differ between ingredients (dropout, ...).
+        allowed_mismatches: model-defining differences merged anyway (`allow_config_mismatch`).
         url: the Hub commit URL when pushed.
     """
 
@@ -73,6 +77,7 @@ class MergeResult:
     seconds: float
     resumed_chunks: int = 0
     config_differences: dict[str, list[object]] = field(default_factory=dict)
+    allowed_mismatches: list[str] = field(default_factory=list)
     url: str | None = None
 
 
@@ -102,11 +107,47 @@ def resolve_device(device: str):
 
 
 def check_output(out: Path, *, overwrite: bool) -> None:
-    """Refuse an output that exists as a file, or as a non-empty folder without `overwrite`."""
+    """Refuse an output that exists as a file (or a dangling link), or as a non-empty folder without `overwrite`."""
     if out.is_file() or out.is_symlink() and not out.is_dir():
-        raise OutputExistsError(f"{out} exists and is a file")
+        raise OutputExistsError(f"{out} exists and is a file (or a link to nothing)")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise OutputExistsError(f"{out} exists and is not empty (pass --overwrite to replace it)")
+
+
+def output_target(out: Path) -> Path:
+    """Where the output is written: `out` itself, or for a link to a folder, the folder it points to.
+
+    Writing through keeps the link valid (it then points to the merge); replacing the link itself would leave the
+    old folder behind under another name.
+    """
+    if out.is_symlink() and out.is_dir():
+        return out.resolve()
+    return out
+
+
+def check_not_over_inputs(out: Path, sources: list[IngredientSource]) -> None:
+    """Refuse an output that is, contains or lies inside a local ingredient (paths resolved, links followed).
+
+    Raises:
+        OutputOverlapsInputError: writing (or with --overwrite, replacing) `out` would change or delete an input.
+    """
+    target = out.resolve()
+    for source in sources:
+        if not isinstance(source, LocalSource):
+            continue
+        path = Path(source.path).resolve()
+        if target == path:
+            where = "is"
+        elif target in path.parents:
+            where = "contains"
+        elif path.is_dir() and path in target.parents:
+            where = "lies inside"
+        else:
+            continue
+        raise OutputOverlapsInputError(
+            f"--out {out} {where} the ingredient {source.label} ({path}): writing it would change or delete the"
+            " inputs; choose an output folder outside every ingredient"
+        )
 
 
 def merge(
@@ -121,6 +162,7 @@ def merge(
     resume: bool = False,
     overwrite: bool = False,
     allow_non_finite: bool = False,
+    allow_config_mismatch: str | list[str] | None = None,
     push_to: str | None = None,
     private: bool | None = None,
     token: str | bool | None = None,
@@ -141,6 +183,8 @@ def merge(
         resume: continue an interrupted merge of the same inputs into `out`.
         overwrite: replace `out` if it exists and is not empty.
         allow_non_finite: keep NaN/Inf values instead of failing on them.
+        allow_config_mismatch: model-defining config keys (or `"tokenizer"`) allowed to differ, as a list or
+            `"key1,key2"`; each difference is logged as a warning and the output keeps the first ingredient's.
         push_to: a Hub repo id to push the output to once written.
         private: create the pushed repo as private.
         token: Hub token (defaults to `HF_TOKEN` or the login cache).
@@ -150,36 +194,44 @@ def merge(
         A `MergeResult`.
 
     Raises:
-        WarmHubError: (a subclass of it) for bad inputs or options; nothing is left in `out`.
+        WarmHubError: (a subclass of it) for bad inputs or options; nothing is left in `out` (a refused `resume`
+            keeps the partial folder it refused).
     """
     import torch  # noqa: F401 - fail early if torch is missing
 
     started = time.perf_counter()
-    out = Path(out)
+    given_out = Path(out)
+    out = output_target(given_out)
     check_output(out, overwrite=overwrite)
     if not sources:
         raise InvalidOptionError("no ingredients given")
     shard_bytes = parse_size(shard_size, option="--shard-size")
     memory = parse_size(max_memory, option="--max-memory")
     torch_device = resolve_device(device)
+    allowed_keys = parse_allowed_mismatches(allow_config_mismatch)
 
-    with contextlib.ExitStack() as stack:
+    # The lock outlives the stack below: it covers the rename into place and the push.
+    with contextlib.ExitStack() as locked, contextlib.ExitStack() as stack:
         stack.enter_context(_automatic_gc_paused())
         # Everything but the weights is made on this thread while the main one plans and the engine streams.
         side = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="warm-side"))
         side.submit(_warm_up_side_files, tqdm_class is None)
         opened = open_sources(sources, stack, token=token)
+        check_not_over_inputs(out, opened)
+        locked.enter_context(output_lock(out))
+        check_output(out, overwrite=overwrite)  # again, now that no other merge can be publishing it
         checkpoints = [read_checkpoint(s) for s in opened]
-        labels = [s.label for s in opened]
         configs = [load_config(s) for s in opened]
-        problems = config_problems(labels, configs)
-        if problems:
-            raise IncompatibleCheckpointsError("cannot merge: " + "; ".join(problems[:3]))
+        verdict = check_compatibility(checkpoints, configs, allow_mismatch=allowed_keys)
+        if verdict.problems:
+            raise IncompatibleCheckpointsError(refusal_message(verdict.problems))
+        for line in verdict.allowed:
+            logger.warning("merging ingredients that differ, as --allow-config-mismatch asks: %s", line)
         plan = plan_merge(checkpoints, weights=weights, dtype=dtype, shard_size=shard_bytes)
         fingerprint = plan.fingerprint([s.identity() for s in opened])
         partial = partial_folder(out)
+        journal = ResumeJournal.load(partial, fingerprint=fingerprint) if resume else None
         try:
-            journal = ResumeJournal.load(partial, fingerprint=fingerprint) if resume else None
             if journal is None:
                 mapped_cpu = torch_device.type == "cpu" and all(s.is_local for s in opened)
                 chunk = chunk_elements(plan, memory, mapped_cpu=mapped_cpu)
@@ -217,19 +269,21 @@ def merge(
             if partial.exists():
                 logger.warning("merge interrupted; rerun with --resume to continue from %s", partial)
             raise
+        stack.close()
 
-    result = MergeResult(
-        out=out,
-        shards=digests,
-        total_size=plan.total_size,
-        seconds=time.perf_counter() - started,
-        resumed_chunks=resumed,
-        config_differences=config_differences(labels, configs),
-    )
-    if push_to:
-        from .hub import push_to_hub
+        result = MergeResult(
+            out=given_out,
+            shards=digests,
+            total_size=plan.total_size,
+            seconds=time.perf_counter() - started,
+            resumed_chunks=resumed,
+            config_differences=verdict.differences,
+            allowed_mismatches=verdict.allowed,
+        )
+        if push_to:
+            from .hub import push_to_hub
 
-        result.url = push_to_hub(out, push_to, private=private, token=token)
+            result.url = push_to_hub(out, push_to, private=private, token=token)
     return result
 
 
@@ -299,6 +353,7 @@ def _prepare_side_files(
     first = sources[0]
     if configs[0] is not None:
         config = dict(configs[0])
+        config.pop(EXPLICIT_WEIGHTS_KEY, None)  # it named the first ingredient's weights file, not the output's
         if plan.dtype is not None:
             name = DTYPES[plan.dtype][0]
             config["dtype"] = name

@@ -201,7 +201,9 @@ class LocalSource(IngredientSource):
         for name in self.list_files():
             if name.endswith(".safetensors") or name == SAFE_INDEX:
                 st = self._resolve(name).stat()
-                files[name] = [st.st_size, st.st_mtime_ns]
+                # Inode and change time too: content replaced in place (or renamed over) with the old size and
+                # modification time must not pass for the partial merge of the old bytes.
+                files[name] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
         return {"label": self.label, "path": str(self.root), "files": files}
 
     def close(self) -> None:

@@ -12,13 +12,20 @@ import click
 @click.command("inspect")
 @click.argument("sources", nargs=-1, required=True)
 @click.option("--distances", is_flag=True, help="Stream the weights to measure pairwise L2 distances.")
+@click.option(
+    "--allow-config-mismatch",
+    metavar="KEY[,KEY]",
+    help="Judge as `merge --allow-config-mismatch` would: these model-defining keys (or 'tokenizer') may differ.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def inspect_command(sources: tuple[str, ...], distances: bool, as_json: bool) -> None:
+def inspect_command(
+    sources: tuple[str, ...], distances: bool, allow_config_mismatch: str | None, as_json: bool
+) -> None:
     """Check whether SOURCES (local folders or Hub repo ids) can be merged, and how far apart they are."""
     from warm_hub.inspect import inspect_ingredients
     from warm_hub.sizes import format_size
 
-    report = inspect_ingredients(list(sources), distances=distances)
+    report = inspect_ingredients(list(sources), distances=distances, allow_config_mismatch=allow_config_mismatch)
     if as_json:
         click.echo(json.dumps(asdict(report) | {"mergeable": report.mergeable}, indent=2, default=str))
         sys.exit(0 if report.mergeable else 1)
@@ -33,7 +40,7 @@ def inspect_command(sources: tuple[str, ...], distances: bool, as_json: bool) ->
         )
     _table(rows)
     if report.config_differences:
-        click.echo("\nConfig differences (expected for WARM diversity axes such as dropout):")
+        click.echo("\nConfig differences (WARM diversity: dropout, training metadata; merge accepts them):")
         for key, values in report.config_differences.items():
             click.echo(f"  {key}: " + " | ".join(json.dumps(v) for v in values))
     if report.distances is not None:
@@ -44,6 +51,10 @@ def inspect_command(sources: tuple[str, ...], distances: bool, as_json: bool) ->
             for i, row in enumerate(report.distances, 1)
         ]
         _table([header, *body])
+    if report.allowed:
+        click.echo("\nModel-defining differences allowed by --allow-config-mismatch (merge warns):")
+        for line in report.allowed:
+            click.echo(f"  - {line}")
     if report.mergeable:
         click.echo("\nMergeable: yes")
     else:
