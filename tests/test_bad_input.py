@@ -7,12 +7,14 @@ import math
 import os
 import struct
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+import warm_hub
 from warm_hub.testing.checkpoints import make_members
 
 
@@ -223,3 +225,195 @@ def test_debug_shows_traceback(tmp_path, members, python):
         env=env,
     )
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "SourceNotFoundError" in proc.stderr
+
+
+# --- Silent wrong results and data loss (issue 11): each class is refused in one line, nothing deleted. ---
+
+SLOW_MERGE = """
+import sys, time
+import warm_hub
+
+class SlowBar:
+    def __init__(self, **kwargs): pass
+    def __enter__(self): return self
+    def __exit__(self, *exc): pass
+    def update(self, n): time.sleep(0.05)
+
+warm_hub.merge(sys.argv[1:-1], sys.argv[-1], max_memory="300KB", tqdm_class=SlowBar)
+"""
+
+
+def test_a_held_output_lock_refuses_a_second_merge(tmp_path, run_cli, members):
+    from warm_hub.output_lock import output_lock
+
+    out = tmp_path / "out"
+    with output_lock(out) as lock:
+        line = check_failure(run_cli, out, members, "being written by another merge")
+        assert f"pid {os.getpid()}" in line and lock.is_file()
+    assert not lock.exists()
+    code, _, stderr = run_cli("merge", *members, "--out", out)
+    assert code == 0, stderr
+
+
+def test_two_merges_into_one_output_never_share_it(tmp_path, run_cli, members, python):
+    out = tmp_path / "out"
+    first = subprocess.Popen([python, "-c", SLOW_MERGE, *map(str, members), str(out)])
+    try:
+        lock = Path(str(out) + ".warm-hub-lock")
+        deadline = time.monotonic() + 60
+        while not (Path(str(out) + ".warm-hub-partial") / ".warm-hub-journal").exists() and first.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        code, _, stderr = run_cli("merge", members[1], members[0], "--out", out, "--overwrite")
+        assert code == 1 and len(stderr.strip().splitlines()) == 1, stderr
+        assert "being written by another merge" in stderr and f"pid {first.pid}" in stderr
+    finally:
+        assert first.wait(timeout=120) == 0
+    assert not lock.exists() and not Path(str(out) + ".warm-hub-partial").exists()
+    # The first run's output is its own: the recipe names its ingredients in its order.
+    recipe = (out / "warm_recipe.yaml").read_text()
+    assert recipe.index("member-0") < recipe.index("member-1")
+
+
+def edit_config(folder: Path, **changes) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+
+
+@pytest.mark.parametrize(
+    ("changes", "key"),
+    [
+        # Same tensor shapes, other meaning: 8 heads of 4 instead of 4 heads of 8, 4 KV heads of 4.
+        ({"num_attention_heads": 8, "head_dim": 4, "num_key_value_heads": 4}, "head_dim"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"rope_parameters": {"rope_theta": 500000.0, "rope_type": "default"}}, "rope_parameters"),
+        ({"rms_norm_eps": 1e-5}, "rms_norm_eps"),
+        ({"tie_word_embeddings": True}, "tie_word_embeddings"),
+        ({"id2label": {"0": "GOOD"}, "label2id": {"GOOD": 0}}, "id2label"),
+        ({"pad_token_id": 3}, "pad_token_id"),
+    ],
+)
+def test_model_defining_config_differences_are_refused(tmp_path, run_cli, members, changes, key):
+    edit_config(members[1], **changes)
+    line = check_failure(run_cli, tmp_path / "out", members, f"config key {key!r} defines the model")
+    assert "member-0" in line and "member-1" in line
+    code, stdout, _ = run_cli("inspect", *members)
+    assert code == 1 and "Mergeable: no" in stdout and f"config key {key!r} defines the model" in stdout
+    allowed = ",".join(changes)
+    code, _, stderr = run_cli("merge", *members, "--out", tmp_path / "anyway", "--allow-config-mismatch", allowed)
+    assert code == 0, stderr
+    assert "WARNING" in stderr and key in stderr
+    code, stdout, _ = run_cli("inspect", *members, "--allow-config-mismatch", allowed)
+    assert code == 0 and "Mergeable: yes" in stdout and "allowed by --allow-config-mismatch" in stdout
+
+
+def test_diversity_config_differences_merge(tmp_path, run_cli, members):
+    edit_config(members[1], attention_dropout=0.1, initializer_range=0.05, _name_or_path="elsewhere")
+    code, _, stderr = run_cli("merge", *members, "--out", tmp_path / "out")
+    assert code == 0, stderr
+
+
+def test_tokenizers_are_compared_by_content(tmp_path, run_cli, members):
+    path = members[1] / "tokenizer.json"
+    tokenizer = json.loads(path.read_text())
+    # Reformatted, keys reordered, another max length: the same tokenizer.
+    path.write_text(json.dumps(dict(reversed(tokenizer.items())), indent=None, separators=(",", ":")))
+    config = json.loads((members[1] / "tokenizer_config.json").read_text())
+    (members[1] / "tokenizer_config.json").write_text(json.dumps(config | {"model_max_length": 512}))
+    code, _, stderr = run_cli("merge", *members, "--out", tmp_path / "same")
+    assert code == 0, stderr
+    # Two tokens swapped: same sizes and shapes, other ids.
+    vocab = tokenizer["model"]["vocab"]
+    vocab["w1"], vocab["w2"] = vocab["w2"], vocab["w1"]
+    path.write_text(json.dumps(tokenizer))
+    check_failure(run_cli, tmp_path / "out", members, "tokenizers differ: token 'w1'")
+    code, stdout, _ = run_cli("inspect", *members)
+    assert code == 1 and "tokenizers differ: token 'w1'" in stdout
+
+
+def test_inspect_and_merge_give_one_verdict(tmp_path, members):
+    from warm_hub.errors import IncompatibleCheckpointsError
+    from warm_hub.inspect import inspect_ingredients
+
+    edit_config(members[1], hidden_act="relu")
+    report = inspect_ingredients(members)
+    with pytest.raises(IncompatibleCheckpointsError) as refused:
+        warm_hub.merge(members, tmp_path / "out")
+    assert not report.mergeable and report.problems[0] in str(refused.value)
+
+
+@pytest.mark.parametrize("which", ["none", "second"])
+def test_a_missing_config_is_refused(tmp_path, run_cli, members, which):
+    (members[1] / "config.json").unlink()
+    if which == "none":
+        (members[0] / "config.json").unlink()
+        check_failure(run_cli, tmp_path / "out", members, "no ingredient has a config.json")
+    else:
+        check_failure(run_cli, tmp_path / "out", members, "member-1 has no config.json")
+
+
+def test_single_file_and_index_follow_transformers(tmp_path, run_cli, members):
+    """A folder with model.safetensors and an index of other shards: merged as transformers loads it."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    both = corrupt_copy(tmp_path, members[1], "both")
+    decoy = {k: torch.full_like(v, 7.0) for k, v in load_file(both / "model.safetensors").items()}
+    save_file(decoy, both / "model-00001-of-00001.safetensors", metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {k: "model-00001-of-00001.safetensors" for k in decoy}}
+    (both / "model.safetensors.index.json").write_text(json.dumps(index))
+    code, _, stderr = run_cli("merge", both, "--out", tmp_path / "out")
+    assert code == 0, stderr
+    loaded = AutoModelForSequenceClassification.from_pretrained(both).state_dict()
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    assert all(torch.equal(merged[k], loaded[k]) for k in merged)
+    # config.json's transformers_weights names the file transformers loads: the decoy, then.
+    edit_config(both, transformers_weights="model.safetensors.index.json")
+    code, _, stderr = run_cli("merge", both, "--out", tmp_path / "explicit")
+    assert code == 0, stderr
+    assert torch.equal(load_file(tmp_path / "explicit" / "model.safetensors")["score.weight"], decoy["score.weight"])
+    assert "transformers_weights" not in json.loads((tmp_path / "explicit" / "config.json").read_text())
+
+
+@pytest.mark.parametrize("where", ["is", "contains", "inside", "link"])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_out_over_an_input_is_refused_before_anything_is_deleted(tmp_path, run_cli, members, where, overwrite):
+    before = {p: p.read_bytes() for m in members for p in m.iterdir()}
+    out = {
+        "is": members[1],
+        "contains": tmp_path,
+        "inside": members[0] / "merged",
+        "link": tmp_path / "link",
+    }[where]
+    if where == "link":
+        out.symlink_to(members[0], target_is_directory=True)
+    code, _, stderr = run_cli("merge", *members, "--out", out, *(["--overwrite"] if overwrite else []))
+    assert code == 1 and len(stderr.strip().splitlines()) == 1, stderr
+    assert "ingredient" in stderr and "Traceback" not in stderr
+    assert {p: p.read_bytes() for m in members for p in m.iterdir()} == before
+    assert not any(p.name.endswith((".warm-hub-partial", ".warm-hub-old")) for p in tmp_path.rglob("*"))
+
+
+def test_out_that_links_to_a_folder_is_written_through(tmp_path, run_cli, members):
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    link = tmp_path / "link"
+    link.symlink_to(target, target_is_directory=True)
+    code, _, stderr = run_cli("merge", *members, "--out", link, "--overwrite")
+    assert code == 0, stderr
+    assert link.is_symlink() and link.resolve() == target
+    assert (target / "model.safetensors").is_file() and not (target / "old.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "member-0", "member-1", "target"]
+
+
+def test_lora_adapters_are_refused(tmp_path, run_cli, members):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    save_file({"base_model.model.score.lora_A.weight": torch.zeros(4, 32)}, adapter / "adapter_model.safetensors")
+    line = check_failure(run_cli, tmp_path / "out", [adapter, adapter], "adapter")
+    assert "not" in line and "yet" in line
+    code, _, stderr = run_cli("inspect", members[0], adapter)
+    assert code == 1 and "adapter" in stderr and len(stderr.strip().splitlines()) == 1

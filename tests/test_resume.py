@@ -84,3 +84,67 @@ def test_a_journal_line_cut_by_a_crash_is_ignored(tmp_path):
     journal = ResumeJournal.load(tmp_path, fingerprint="f")
     assert journal.done() == {3, 5} and journal.chunk == 4096
     journal.close()
+
+
+class InterruptingBar:
+    """A progress bar that interrupts the merge (as Ctrl-C would) after a few chunks."""
+
+    def __init__(self, **kwargs):
+        self.calls = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def update(self, n):
+        self.calls += 1
+        if self.calls == 3:
+            raise KeyboardInterrupt
+
+
+def interrupted_merge(members, out: Path) -> Path:
+    with pytest.raises(KeyboardInterrupt):
+        warm_hub.merge(members, out, max_memory="300KB", tqdm_class=InterruptingBar)
+    partial = Path(str(out) + ".warm-hub-partial")
+    assert journal_lines(out) >= 1 and not out.exists()
+    return partial
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_a_refused_resume_keeps_the_partial_work(tmp_path):
+    members = make_members(tmp_path, count=2)
+    out = tmp_path / "out"
+    partial = interrupted_merge(members, out)
+    kept = snapshot(partial)
+    for options in ({"weights": [2, 1]}, {"dtype": "bfloat16"}):
+        with pytest.raises(ResumeMismatchError, match="without --resume"):
+            warm_hub.merge(members, out, max_memory="300KB", resume=True, **options)
+        assert snapshot(partial) == kept
+    resumed = warm_hub.merge(members, out, max_memory="300KB", resume=True)
+    assert resumed.resumed_chunks >= 1
+    assert resumed.shards == warm_hub.merge(members, tmp_path / "clean").shards
+
+
+def test_an_input_replaced_in_place_is_not_resumed(tmp_path):
+    """Same size, same modification time, other bytes: --resume must not mix old and new chunks."""
+    members = make_members(tmp_path, count=3)
+    out = tmp_path / "out"
+    partial = interrupted_merge(members[:2], out)
+    weights = members[1] / "model.safetensors"
+    st = os.stat(weights)
+    replacement = (members[2] / "model.safetensors").read_bytes()
+    assert len(replacement) == st.st_size
+    with open(weights, "r+b") as f:  # in place: same inode
+        f.write(replacement)
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(weights).st_mtime_ns == st.st_mtime_ns and os.stat(weights).st_ino == st.st_ino
+    with pytest.raises(ResumeMismatchError):
+        warm_hub.merge(members[:2], out, max_memory="300KB", resume=True)
+    assert partial.is_dir()
+    fresh = warm_hub.merge(members[:2], out, max_memory="300KB")
+    assert fresh.resumed_chunks == 0

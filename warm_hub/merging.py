@@ -202,7 +202,6 @@ def merge(
     started = time.perf_counter()
     given_out = Path(out)
     out = output_target(given_out)
-    check_output(out, overwrite=overwrite)
     if not sources:
         raise InvalidOptionError("no ingredients given")
     shard_bytes = parse_size(shard_size, option="--shard-size")
@@ -219,7 +218,7 @@ def merge(
         opened = open_sources(sources, stack, token=token)
         check_not_over_inputs(out, opened)
         locked.enter_context(output_lock(out))
-        check_output(out, overwrite=overwrite)  # again, now that no other merge can be publishing it
+        check_output(out, overwrite=overwrite)  # under the lock: no other merge can be publishing it
         checkpoints = [read_checkpoint(s) for s in opened]
         configs = [load_config(s) for s in opened]
         verdict = check_compatibility(checkpoints, configs, allow_mismatch=allowed_keys)
