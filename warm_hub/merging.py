@@ -172,7 +172,8 @@ def merge(
 
     Args:
         sources: local folders or `.safetensors` files, Hub repo ids (`org/name`, `org/name@rev`,
-            `hf://org/name@rev`), or open `IngredientSource`s.
+            `hf://org/name@rev`), or open `IngredientSource`s. Every ingredient needs a config.json (so a bare
+            `.safetensors` file, which has none, is refused: merge its folder).
         out: the output folder (written under a temporary name, renamed when complete).
         weights: one per source, normalised to sum to 1; uniform when None.
         dtype: output dtype of floating tensors (`bfloat16`, `float16`, `float32`), or None/`auto` to keep
