@@ -175,6 +175,7 @@ REFERENCE_CASES = {
     "__metadata__ twice": (b'{"__metadata__":{},"__metadata__":{},"a":{' + E + b"}}", 8),
     "a field twice": (b'{"a":{"shape":[2],' + E + b"}}", 8),
     "metadata key twice": (b'{"__metadata__":{"k":"1","k":"2"},"a":{' + E + b"}}", 8),
+    "metadata key twice, first not a string": (b'{"__metadata__":{"k":1,"k":"2"},"a":{' + E + b"}}", 8),
     "metadata null": (b'{"__metadata__":null,"a":{' + E + b"}}", 8),
     "metadata a list": (b'{"__metadata__":[],"a":{' + E + b"}}", 8),
     "metadata a number": (b'{"__metadata__":{"k":1},"a":{' + E + b"}}", 8),

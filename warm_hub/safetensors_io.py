@@ -152,8 +152,10 @@ def parse_header(raw: bytes, *, file: str, file_size: int) -> ShardHeader:
 
     metadata = header.pop("__metadata__", None)
     if metadata is None:
-        metadata = {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        metadata = _JsonObject()
+    if not isinstance(metadata, _JsonObject) or not all(
+        isinstance(v, str) for v in metadata.all_values or metadata.values()
+    ):
         raise CheckpointFormatError(f"{file}: __metadata__ must map strings to strings")
 
     tensors = [_parse_entry(name, entry, file=file, data_start=data_start) for name, entry in header.items()]
@@ -187,6 +189,7 @@ class _JsonObject(dict):
     """A JSON object that remembers which of its keys were given more than once (the last value is kept)."""
 
     duplicates: frozenset[str] = frozenset()
+    all_values: tuple[object, ...] = ()  # every value, overwritten ones included (the reference checks each)
 
 
 def _object_from_pairs(pairs: list[tuple[str, object]]) -> _JsonObject:
@@ -194,6 +197,7 @@ def _object_from_pairs(pairs: list[tuple[str, object]]) -> _JsonObject:
     if len(obj) != len(pairs):
         seen: set[str] = set()
         obj.duplicates = frozenset(k for k, _ in pairs if k in seen or seen.add(k))
+        obj.all_values = tuple(v for _, v in pairs)
     return obj
 
 
