@@ -60,7 +60,12 @@ def canonical_content(name: str, path: Path) -> tuple[str, object | None]:
         if name.endswith(".json"):
             parsed = json.loads(text)
             if isinstance(parsed, dict):
-                parsed = {k: v for k, v in parsed.items() if k not in RUNTIME_KEYS.get(name, ())}
+                # An empty or null value is the default, as a missing key is (library versions write either).
+                parsed = {
+                    k: v
+                    for k, v in parsed.items()
+                    if k not in RUNTIME_KEYS.get(name, ()) and v not in (None, [], {}, "")
+                }
             return _digest(parsed), parsed
     except (UnicodeDecodeError, ValueError, RecursionError):
         return "bytes:" + hashlib.sha256(raw).hexdigest(), None
