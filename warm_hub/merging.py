@@ -21,7 +21,7 @@ from huggingface_hub.utils import logging
 from . import __version__
 from .checkpoint import read_checkpoint
 from .configs import CONFIG_NAME, config_differences, config_problems, load_config
-from .engine import DISK_FULL_ERRNOS, MergeEngine, ShardWriter, chunk_elements, disk_full
+from .engine import DISK_FULL_ERRNOS, MergeEngine, ShardWriter, check_open_files, chunk_elements, disk_full
 from .errors import (
     CheckpointFormatError,
     DiskFullError,
@@ -176,6 +176,7 @@ def merge(
         if problems:
             raise IncompatibleCheckpointsError("cannot merge: " + "; ".join(problems[:3]))
         plan = plan_merge(checkpoints, weights=weights, dtype=dtype, shard_size=shard_bytes)
+        check_open_files(plan, opened)
         fingerprint = plan.fingerprint([s.identity() for s in opened])
         partial = partial_folder(out)
         try:
