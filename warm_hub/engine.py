@@ -136,9 +136,13 @@ class _Slot:
 
 def averaging_threads() -> int:
     """How many threads average on the CPU: one per core this process may use, keeping one for the writer."""
-    override = os.environ.get("WARM_HUB_CPU_THREADS")
+    override = os.environ.get("WARM_HUB_CPU_THREADS", "").strip()
     if override:
-        return max(1, int(override))
+        if not override.isascii() or not override.isdigit() or int(override) < 1:
+            raise InvalidOptionError(
+                f"WARM_HUB_CPU_THREADS={override[:20]!r}: expected a whole number of threads, at least 1"
+            )
+        return int(override)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, min(cores - 1, 16))
 

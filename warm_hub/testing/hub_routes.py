@@ -169,7 +169,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _send_blob(self, method: str, sha256: str, size: int, headers: dict[str, str | int]) -> None:
         """Send a blob with Range support; honours an injected connection drop."""
         start, end, status = 0, size - 1, 200
-        spec = self.headers.get("Range")
+        spec = None if self.hub.ignore_range else self.headers.get("Range")
         if spec:
             match = re.fullmatch(r"\s*bytes=(\d*)-(\d*)\s*", spec)
             if match is None or not (match.group(1) or match.group(2)):
