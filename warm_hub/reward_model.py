@@ -132,7 +132,7 @@ class RewardModel:
             prompts = [prompts] * len(responses)
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts for {len(responses)} responses")
-        ids = encode(self.tokenizer, list(prompts), list(responses))
+        ids = encode(self.tokenizer, list(prompts), list(responses), max_length=self.max_length)
         return self.score_ids(ids, batch_size=batch_size)
 
     def score_ids(self, ids: list[list[int]], *, batch_size: int | None = None) -> list[float]:

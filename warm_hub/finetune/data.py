@@ -247,9 +247,55 @@ def format_text(tokenizer, prompt: str | list[dict] | None, response: str | list
     return join_prompt_response(prompt, response), True
 
 
-def encode(tokenizer, prompts: Sequence[Any], responses: Sequence[Any]) -> list[list[int]]:
-    """Token ids of every (prompt, response) under `format_text`, without truncation or padding."""
+# A text longer than `max_length * CHARS_PER_TOKEN` characters is cut to its end before tokenizing: a reward
+# model reads at most `max_length` tokens of it (its end), and tokenizing a 20 MB text took a minute and 5 GB.
+CHARS_PER_TOKEN = 32  # generous: real tokens average 3-5 characters; too few tokens makes the cut grow anyway
+MARGIN_TOKENS = 16  # tokens beyond `max_length` that a cut text must still give (the cut only changes its start)
+
+
+def encode(
+    tokenizer, prompts: Sequence[Any], responses: Sequence[Any], *, max_length: int | None = None
+) -> list[list[int]]:
+    """Token ids of every (prompt, response) under `format_text`, without truncation or padding.
+
+    Args:
+        tokenizer: the reward model's tokenizer.
+        prompts: one prompt per response (text, messages or None).
+        responses: the responses.
+        max_length: when given, a very long text is cut to its last characters before tokenizing, so that its
+            row is shorter than the full text's but longer than `max_length + MARGIN_TOKENS`, and its last
+            `max_length` tokens are the full text's. Callers keep the end of long rows, or drop them, and get
+            the same result as without the cut; texts under `max_length * CHARS_PER_TOKEN` are never cut.
+
+    Returns:
+        One list of token ids per pair.
+    """
     texts = [format_text(tokenizer, p, r) for p, r in zip(prompts, responses, strict=True)]
+    limit = None if max_length is None else max_length * CHARS_PER_TOKEN
+    cut = [limit is not None and len(text) > limit for text, _ in texts]
+    work = [(_tail(text, limit) if c else text, special) for (text, special), c in zip(texts, cut, strict=True)]
+    ids = _tokenize(tokenizer, work)
+    for i in [i for i, c in enumerate(cut) if c]:
+        chars = limit
+        # Rare: tokens longer than CHARS_PER_TOKEN on average (long runs of one character). Widen the cut until
+        # the kept end is far from it, or the text is whole.
+        while len(ids[i]) <= max_length + MARGIN_TOKENS and chars < len(texts[i][0]):
+            chars *= 4
+            text = texts[i][0] if chars >= len(texts[i][0]) else _tail(texts[i][0], chars)
+            ids[i] = _tokenize(tokenizer, [(text, texts[i][1])])[0]
+    return ids
+
+
+def _tail(text: str, chars: int) -> str:
+    """The last `chars` characters of `text` or a little fewer, starting at whitespace when there is some near:
+    tokenizers split words at whitespace first, so the tokens after the cut are those of the whole text."""
+    start = len(text) - chars
+    match = re.compile(r"\s").search(text, start, start + 256)
+    return text[match.start() if match else start :]
+
+
+def _tokenize(tokenizer, texts: list[tuple[str, bool]]) -> list[list[int]]:
+    """Token ids of (text, add special tokens) pairs, in one tokenizer call for each kind."""
     ids: list[list[int] | None] = [None] * len(texts)
     for special in (True, False):
         positions = [i for i, (_, s) in enumerate(texts) if s is special]
@@ -287,8 +333,8 @@ def tokenize_preferences(dataset, tokenizer, *, max_length: int):
     def tokenize(batch: dict) -> dict:
         prompts = batch["prompt"] if has_prompt else [None] * len(batch["chosen"])
         return {
-            "input_ids_chosen": encode(tokenizer, prompts, batch["chosen"]),
-            "input_ids_rejected": encode(tokenizer, prompts, batch["rejected"]),
+            "input_ids_chosen": encode(tokenizer, prompts, batch["chosen"], max_length=max_length),
+            "input_ids_rejected": encode(tokenizer, prompts, batch["rejected"], max_length=max_length),
         }
 
     with quiet_datasets():
