@@ -110,7 +110,7 @@ def test_a_huge_text_is_cut_before_tokenizing_and_scores_as_its_end(rm, monkeypa
 
     rows = review_pairs(40, seed=5)
     words = " ".join(r["chosen"] for r in rows).split()
-    huge = " ".join(words[i % len(words)] for i in range(1_500_000)) + "  the staff was rude ."
+    huge = " ".join(words[i % len(words)] for i in range(200_000)) + "  the staff was rude ."
     runs = "z" * 50_000 + " the food was great ."  # a long run of one character: the cut widens until safe
     prompt = "review the cafe ."
     full = [rm.tokenizer(join_prompt_response(prompt, t))["input_ids"][-rm.max_length :] for t in (huge, runs)]
@@ -125,7 +125,7 @@ def test_a_huge_text_is_cut_before_tokenizing_and_scores_as_its_end(rm, monkeypa
     started = time.perf_counter()
     scores = rm.score(prompt, [huge, runs])
     assert time.perf_counter() - started < 5
-    assert max(seen) < len(huge) // 100  # never the whole huge text
+    assert len(huge) > 10**6 and max(seen) <= len(runs) + len(prompt) + 1  # never the whole huge text
     assert scores == pytest.approx([rm.score_ids([ids])[0] for ids in full], abs=1e-6)
     # Texts below the cut are tokenized whole: results for normal texts do not change.
     short = rows[0]["chosen"]
