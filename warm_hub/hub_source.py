@@ -149,6 +149,10 @@ class HubSource(IngredientSource):
         reference = parse_reference(text)
         return cls(reference.repo_id, revision=reference.revision, token=token, **kwargs)
 
+    def label_choices(self) -> list[str]:
+        # The same repo at two revisions: tell them apart by commit.
+        return [self.repo_id, f"{self.repo_id}@{self.revision[:12]}", f"{self.repo_id}@{self.revision}"]
+
     def __repr__(self) -> str:
         return f"HubSource({self.repo_id!r}, revision={self.revision!r}, strategy={self.strategy!r})"
 

@@ -13,7 +13,7 @@ import stat
 import threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from .errors import CheckpointFormatError, PickleCheckpointError, SourceNotFoundError
@@ -79,6 +79,10 @@ class IngredientSource(ABC):
     @abstractmethod
     def fetch(self, name: str) -> Path | None:
         """A local path to a small file (config, tokenizer), or None if the checkpoint has no such file."""
+
+    def label_choices(self) -> list[str]:
+        """Labels from the shortest to the most precise, for telling apart ingredients whose labels collide."""
+        return [self.label]
 
     def map_view(self, name: str, offset: int, length: int) -> memoryview | None:
         """A zero-copy view of a byte range (memory-mapped local files), or None where reads must copy."""
@@ -167,6 +171,12 @@ class LocalSource(IngredientSource):
             where = "the cached repo's folder" if self._links_root else "the checkpoint folder"
             raise CheckpointFormatError(f"{self.path}: {name!r} points outside {where}")
         return candidate
+
+    def label_choices(self) -> list[str]:
+        # Path suffixes of the resolved location: `rm0`, then `run-a/rm0`, ... (never an absolute path).
+        parts = (self.root / self._only).with_suffix("").parts if self._only else self.root.parts
+        parts = [p for p in parts if p != "/"]
+        return [self.label] + ["/".join(parts[-k:]) for k in range(2, len(parts) + 1)]
 
     def file_size(self, name: str) -> int:
         try:
@@ -360,16 +370,42 @@ def open_source(text: str, *, token: str | bool | None = None) -> IngredientSour
     return LocalSource(text)
 
 
+def assign_unique_labels(sources: Sequence[IngredientSource]) -> None:
+    """Give ingredients whose labels collide (two folders named `rm0`) the shortest labels that tell them apart.
+
+    Each colliding source moves to its next `label_choices()` entry until no two differ in what they are yet
+    share a label; the same source given twice keeps one label.
+    """
+    while True:
+        groups: dict[str, list[IngredientSource]] = {}
+        for source in sources:
+            groups.setdefault(source.label, []).append(source)
+        changed = False
+        for group in groups.values():
+            if len({tuple(s.label_choices()) for s in group}) < 2:
+                continue  # one label, one ingredient (given more than once)
+            for source in group:
+                choices = source.label_choices()
+                position = choices.index(source.label) if source.label in choices else -1
+                if position + 1 < len(choices):
+                    source.label = choices[position + 1]
+                    changed = True
+        if not changed:
+            return
+
+
 def open_sources(
     sources: Iterable[str | os.PathLike | IngredientSource],
     stack: contextlib.ExitStack,
     *,
     token: str | bool | None = None,
 ) -> list[IngredientSource]:
-    """Open every source (paths and repo ids via `open_source`), each closed when `stack` closes."""
+    """Open every source (paths and repo ids via `open_source`), each closed when `stack` closes, and label
+    them so that no two ingredients share a label (`assign_unique_labels`)."""
     opened = []
     for source in sources:
         if not isinstance(source, IngredientSource):
             source = open_source(os.fspath(source), token=token)
         opened.append(stack.enter_context(source))
+    assign_unique_labels(opened)
     return opened
