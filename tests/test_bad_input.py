@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import struct
 import subprocess
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import save_file
 
 import warm_hub
@@ -417,3 +419,134 @@ def test_lora_adapters_are_refused(tmp_path, run_cli, members):
     assert "not" in line and "yet" in line
     code, _, stderr = run_cli("inspect", members[0], adapter)
     assert code == 1 and "adapter" in stderr and len(stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--weights", "1e309,1"], "finite"),
+        (["--max-memory", "9" * 40 + "TB"], "too large"),
+        (["--shard-size", "1" + "0" * 30 + "GB"], "too large"),
+        (["--max-memory", "1e400"], "not a size"),
+        (["--shard-size", "٥GB"], "not a size"),  # a non-ASCII digit is not a size either
+    ],
+)
+def test_overflowing_options_are_one_line(tmp_path, run_cli, members, option, message):
+    check_failure(run_cli, tmp_path / "out", [*members, *option], message)
+
+
+def test_weights_whose_sum_overflows_are_still_ratios(tmp_path, run_cli, members):
+    code, _, err = run_cli("merge", *members, "--out", tmp_path / "big", "--weights", "1e308,1e308")
+    assert code == 0, err
+    code, _, err = run_cli("merge", *members, "--out", tmp_path / "even")
+    assert code == 0, err
+    big, even = (tmp_path / name / "model.safetensors" for name in ("big", "even"))
+    assert big.read_bytes() == even.read_bytes()
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-2", "1.5", "٣"])
+def test_a_bad_thread_count_is_one_line(tmp_path, run_cli, members, monkeypatch, value):
+    monkeypatch.setenv("WARM_HUB_CPU_THREADS", value)
+    check_failure(run_cli, tmp_path / "out", members, "WARM_HUB_CPU_THREADS")
+
+
+def test_tensor_names_with_non_ascii_digits(tmp_path, run_cli):
+    names = ["layer.²", "layer.٣.w", "layer.3.w", "layer.10", "b²2", "𝟙"]
+    folders = []
+    for i in range(2):
+        folder = tmp_path / f"m{i}"
+        folder.mkdir()
+        save_file({n: torch.full((3,), float(i)) for n in names}, folder / "model.safetensors")
+        folders.append(folder)
+    code, _, err = run_cli("merge", *folders, "--out", tmp_path / "out", "--shard-size", "20")
+    assert code == 0, err
+    from safetensors.torch import load_file
+
+    merged = {}
+    for shard in (tmp_path / "out").glob("*.safetensors"):
+        merged.update(load_file(shard))
+    assert sorted(merged) == sorted(names) and all(torch.equal(t, torch.full((3,), 0.5)) for t in merged.values())
+
+
+def test_ingredients_with_the_same_folder_name_are_told_apart(tmp_path, run_cli, members):
+    """Two folders called rm0: errors, recipe, card and inspect name them by the shortest path that differs."""
+    a, b = tmp_path / "run-a" / "rm0", tmp_path / "run-b" / "rm0"
+    for member, target in zip(members, (a, b), strict=True):
+        shutil.copytree(member, target)
+    out = tmp_path / "out"
+    code, _, err = run_cli("merge", a, b, "--out", out)
+    assert code == 0, err
+    recipe = yaml.safe_load((out / "warm_recipe.yaml").read_text())
+    assert [i["source"] for i in recipe["ingredients"]] == ["run-a/rm0", "run-b/rm0"]
+    card = (out / "README.md").read_text()
+    assert "merge ./run-a/rm0 ./run-b/rm0" in card and str(tmp_path) not in card
+    code, stdout, err = run_cli("inspect", a, b)
+    assert code == 0 and "run-a/rm0" in stdout and "run-b/rm0" in stdout, err
+    # The same folder twice keeps its plain name.
+    code, _, err = run_cli("merge", a, a, "--out", tmp_path / "twice")
+    assert code == 0, err
+    twice = yaml.safe_load((tmp_path / "twice" / "warm_recipe.yaml").read_text())
+    assert [i["source"] for i in twice["ingredients"]] == ["rm0", "rm0"]
+
+    save_file({"w": torch.zeros(2)}, b / "model.safetensors")
+    line = check_failure(run_cli, tmp_path / "bad", [a, b], "run-b/rm0 lacks")
+    assert "run-a/rm0 lacks tensor(s) w" in line
+    write_raw(b / "model.safetensors", b"{not json", bytes(8))
+    check_failure(run_cli, tmp_path / "bad", [a, b], "run-b/rm0/model.safetensors: header is not valid JSON")
+
+
+def damaged_data(folder: Path) -> dict[str, Path]:
+    """Preference files broken in each way a user's file can be."""
+    import pandas as pd
+
+    folder.mkdir(exist_ok=True)
+    good = '{"prompt": "p", "chosen": "good", "rejected": "bad"}\n'
+    files = {
+        "empty": (folder / "empty.jsonl", b""),
+        "blank lines": (folder / "blank.jsonl", b"\n  \n"),
+        "not JSON": (folder / "notjson.jsonl", (good + "{oops\n").encode()),
+        "not UTF-8": (folder / "latin1.jsonl", (good + '{"chosen": "caf\xe9", "rejected": "x"}\n').encode("latin-1")),
+        "empty text": (folder / "emptytext.jsonl", (good + '{"chosen": "", "rejected": "x"}\n').encode()),
+        "not text": (folder / "number.jsonl", (good + '{"chosen": 3, "rejected": "x"}\n').encode()),
+    }
+    for path, data in files.values():
+        path.write_bytes(data)
+    parquet = folder / "pairs.parquet"
+    pd.DataFrame({"chosen": ["good"] * 50, "rejected": ["bad"] * 50}).to_parquet(parquet)
+    truncated = folder / "truncated.parquet"
+    truncated.write_bytes(parquet.read_bytes()[: parquet.stat().st_size // 2])
+    return {name: path for name, (path, _) in files.items()} | {"truncated parquet": truncated}
+
+
+EXPECTED = {
+    "empty": "no preference pairs",
+    "blank lines": "no preference pairs",
+    "not JSON": "line 2: not JSON",
+    "not UTF-8": "line 2: not UTF-8",
+    "empty text": "pair 2 has an empty 'chosen' text",
+    "not text": "pair 2: 'chosen' must be text",
+    "truncated parquet": "truncated or corrupt",
+}
+
+
+def one_error_line(stderr: str) -> str:
+    errors = [line for line in stderr.splitlines() if line.startswith(("Error: ", "Internal error"))]
+    assert len(errors) == 1 and errors[0].startswith("Error: ") and "Traceback" not in stderr, stderr
+    return errors[0]
+
+
+def test_damaged_preference_data_is_one_line_for_evaluate(tmp_path, run_cli, members):
+    for name, path in damaged_data(tmp_path / "data").items():
+        code, _, err = run_cli("evaluate", members[0], "--data", path, "--device", "cpu")
+        assert code == 1 and EXPECTED[name] in one_error_line(err), (name, err)
+
+
+def test_damaged_preference_data_is_one_line_for_finetune_and_leaves_nothing(tmp_path, run_cli):
+    from warm_hub.testing.preference_data import tiny_base
+
+    base = tiny_base(tmp_path / "base")
+    for name, path in damaged_data(tmp_path / "data").items():
+        out = tmp_path / "run"
+        code, _, err = run_cli("finetune", "--base", base, "--data", path, "--out", out, "--max-steps", "1")
+        assert code == 1 and EXPECTED[name] in one_error_line(err), (name, err)
+        assert not out.exists(), (name, list(out.rglob("*")))

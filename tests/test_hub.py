@@ -349,3 +349,57 @@ def test_pickle_error_names_the_repo(hub_server):
 def test_not_found_is_a_source_not_found_error(hub_server):
     with pytest.raises(SourceNotFoundError):
         HubSource("org/nothing")
+
+
+def test_persistent_server_errors_name_the_status(hub, tmp_path, run_cli, fast_retries, monkeypatch):
+    server, _ = hub
+    monkeypatch.setattr(hub_source, "READ_AHEAD", 1024)
+    server.fail(status=503, times=10_000, path="/blobs/")
+    code, _, err = run_cli("merge", "org/a", "org/b", "--out", tmp_path / "warm")
+    assert code == 1
+    line = error_line(err)
+    assert "HTTP 503" in line and "_Retry" not in line and "rerun with --resume" in line
+
+
+def test_a_server_that_ignores_range_gets_a_hint_that_works(hub, local_merge, tmp_path, run_cli, monkeypatch):
+    from huggingface_hub import snapshot_download
+
+    server, shas = hub
+    monkeypatch.setattr(hub_source, "READ_AHEAD", 1024)
+    server.ignore_range = True
+    for strategy in ("stream", "download"):
+        monkeypatch.setattr(hub_source, "STRATEGY", strategy)
+        code, _, err = run_cli("merge", "org/a", "org/b", "org/c", "--out", tmp_path / "warm")
+        assert code == 1
+        line = error_line(err)
+        assert "ignored the Range request" in line and "WARM_HUB_PULL" not in line
+        assert "`hf download org/" in line
+    # What the hint says to do: download once (whole files, no Range needed), then the merge reads the cache.
+    for name, sha in zip("abc", shas, strict=True):
+        snapshot_download(f"org/{name}", revision=sha)
+    assert merge(["org/a", "org/b", "org/c"], tmp_path / "cached").shards == local_merge
+
+
+@pytest.mark.parametrize(("value", "seconds"), [("-1", None), ("nan", None), ("inf", None), ("1e999", None),
+                                                ("soon", None), ("2.5", 2.5), ("600", 60.0)])
+def test_retry_after_is_used_only_when_it_is_a_sane_delay(value, seconds):
+    from types import SimpleNamespace
+
+    assert hub_source._retry_after(SimpleNamespace(headers={"Retry-After": value})) == seconds
+
+
+def test_every_command_says_the_same_about_a_private_repo(hub_server, members, tmp_path, run_cli):
+    """One translator at every Hub call: merge, evaluate and the Python API give the same line."""
+    from warm_hub.reward_model import RewardModel
+
+    hub_server.create_repo("org/private", private=True)
+    hub_server.upload_folder("org/private", members[0])
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"prompt": "p", "chosen": "good", "rejected": "bad"}\n')
+    _, _, merged = run_cli("merge", "org/private", "org/private", "--out", tmp_path / "warm")
+    _, _, evaluated = run_cli("evaluate", "org/private", "--data", data, "--device", "cpu")
+    expected = "Error: org/private: repository not found on the Hub"
+    assert error_line(merged).startswith(expected) and error_line(evaluated).startswith(expected)
+    assert error_line(merged) == error_line(evaluated)
+    with pytest.raises(SourceNotFoundError, match="org/private: repository not found"):
+        RewardModel.from_pretrained("org/private", device="cpu")

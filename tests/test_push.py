@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 from pathlib import Path
 
@@ -145,8 +146,9 @@ def test_a_failed_push_leaves_the_remote_as_it_was(authed, output, path, status)
     else:
         authed.fail(status=status, times=100, path=path)
 
-    with pytest.raises(HubTransferError, match="the commit is atomic.*warm-hub push warm alice/warm-rm"):
+    with pytest.raises(HubTransferError, match="the commit is atomic") as caught:
         push_to_hub(output, "alice/warm-rm")
+    assert f"rerun `warm-hub push {output} alice/warm-rm`" in str(caught.value)
 
     assert authed.head("alice/warm-rm") == before
     assert authed.files("alice/warm-rm") == {
@@ -167,8 +169,67 @@ def test_push_without_a_token_or_without_write_access(hub_server, output):
     with pytest.raises(HubAccessError, match="without a token: log in with `hf auth login` or set HF_TOKEN"):
         push_to_hub(output, "alice/warm-rm")
     hub_server.create_repo("alice/locked", private=True)
-    with pytest.raises(HubAccessError, match="cannot push to alice/locked: your token has no write access"):
+    with pytest.raises(HubAccessError, match="cannot push to alice/locked: the Hub does not accept your token"):
         push_to_hub(output, "alice/locked", token="hf_revoked_token_abcdef")  # unknown to the Hub
+    assert not any(r.method != "GET" for r in hub_server.requests)  # refused before creating or uploading
+
+
+def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    return {p.relative_to(folder).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+@pytest.mark.parametrize(("path", "status"), [("/commit/", 500), ("/upload/", 400), ("/preupload/", 503)])
+def test_a_failed_push_to_a_new_repo_leaves_no_repo_and_no_local_change(authed, output, path, status):
+    (output / "README.md").write_text("# my own notes\n")
+    before = snapshot(output)
+    authed.fail(status=status, times=100, path=path)
+    with pytest.raises(HubTransferError, match=f"HTTP {status}.*the commit is atomic"):
+        push_to_hub(output, "alice/new-rm")
+    assert "alice/new-rm" not in authed.repos  # created for the push, deleted again when the commit failed
+    assert snapshot(output) == before  # the card is rendered into the commit, not over the local README
+    authed.clear_faults()
+    push_to_hub(output, "alice/new-rm")
+    assert b"my own notes" not in authed.files("alice/new-rm")["README.md"]
+    assert (output / "README.md").read_bytes() == authed.files("alice/new-rm")["README.md"]  # once committed
+
+
+def link_outside(folder: Path) -> None:
+    secret = folder.parent / "secret.txt"
+    secret.write_text("not for the Hub")
+    (folder / "notes.txt").symlink_to(secret)
+
+
+def link_folder_outside(folder: Path) -> None:
+    (folder.parent / "elsewhere").mkdir()
+    (folder.parent / "elsewhere" / "id_rsa").write_text("private")
+    (folder / "extra").symlink_to(folder.parent / "elsewhere", target_is_directory=True)
+
+
+def fifo_inside(folder: Path) -> None:
+    os.mkfifo(folder / "pipe")
+
+
+def linked_shard(folder: Path) -> None:
+    shard = next(folder.glob("model-*.safetensors"))
+    moved = folder.parent / shard.name
+    shard.rename(moved)
+    shard.symlink_to(moved)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (link_outside, "notes.txt is a symbolic link"),
+        (link_folder_outside, "extra is a symbolic link"),
+        (fifo_inside, "pipe is not a regular file"),
+        (linked_shard, "is a symbolic link"),
+    ],
+)
+def test_push_sends_only_regular_files_inside_the_folder(authed, output, run_cli, damage, message):
+    damage(output)
+    code, out, err = run_cli("push", output, "alice/warm-rm")
+    assert code == 1 and message in error_line(err)
+    assert authed.requests == [] and "alice/warm-rm" not in authed.repos
 
 
 def test_push_to_an_existing_repo_adds_one_commit(authed, output):

@@ -100,3 +100,33 @@ def test_multi_output_classifier_is_refused(tmp_path):
     review_tokenizer().save_pretrained(tmp_path / "two")
     with pytest.raises(CheckpointFormatError, match="num_labels=2"):
         RewardModel.from_pretrained(tmp_path / "two", device="cpu")
+
+
+def test_a_huge_text_is_cut_before_tokenizing_and_scores_as_its_end(rm, monkeypatch):
+    """One 20 MB line used to take a minute and 5 GB: the end that the model reads is all that gets tokenized."""
+    import time
+
+    from warm_hub.finetune import data
+
+    rows = review_pairs(40, seed=5)
+    words = " ".join(r["chosen"] for r in rows).split()
+    huge = " ".join(words[i % len(words)] for i in range(200_000)) + "  the staff was rude ."
+    runs = "z" * 50_000 + " the food was great ."  # a long run of one character: the cut widens until safe
+    prompt = "review the cafe ."
+    full = [rm.tokenizer(join_prompt_response(prompt, t))["input_ids"][-rm.max_length :] for t in (huge, runs)]
+    seen = []
+    real = data._tokenize
+
+    def tokenize(tokenizer, texts):
+        seen.extend(len(text) for text, _ in texts)
+        return real(tokenizer, texts)
+
+    monkeypatch.setattr(data, "_tokenize", tokenize)
+    started = time.perf_counter()
+    scores = rm.score(prompt, [huge, runs])
+    assert time.perf_counter() - started < 5
+    assert len(huge) > 10**6 and max(seen) <= len(runs) + len(prompt) + 1  # never the whole huge text
+    assert scores == pytest.approx([rm.score_ids([ids])[0] for ids in full], abs=1e-6)
+    # Texts below the cut are tokenized whole: results for normal texts do not change.
+    short = rows[0]["chosen"]
+    assert data.encode(rm.tokenizer, [None], [short], max_length=4) == data.encode(rm.tokenizer, [None], [short])

@@ -410,15 +410,55 @@ def write_card(
         InvalidOptionError: the eval-results file is malformed.
     """
     folder = Path(folder)
+    card = card_text(
+        folder,
+        repo_id=repo_id,
+        model_name=model_name,
+        eval_results=eval_results,
+        license=license,
+        datasets=datasets,
+        token=token,
+        found=found,
+        keep=True,
+    )
+    path = folder / CARD_NAME
+    path.write_text(card, encoding="utf-8")
+    return path
+
+
+def card_text(
+    folder: str | os.PathLike,
+    *,
+    repo_id: str | None = None,
+    model_name: str | None = None,
+    eval_results: str | os.PathLike | EvalResults | None = None,
+    license: str | None = None,
+    datasets: list[str] | None = None,
+    token: str | bool | None = None,
+    found: tuple[str | None, list[str] | None] | None = None,
+    keep: bool = False,
+) -> str:
+    """The card `write_card` would write, as text; with `keep=False` nothing in `folder` changes.
+
+    `push` renders the card it uploads this way, so that a failed push leaves the local folder as it was.
+
+    Args:
+        folder, repo_id, model_name, eval_results, license, datasets, token, found: as for `write_card`.
+        keep: copy given eval results (and their plot) into `folder`, as `write_card` does.
+
+    Returns:
+        The card's text.
+    """
+    folder = Path(folder)
     recipe = WarmRecipe.load(folder)
     previous = read_front_matter(folder / CARD_NAME)
     if license is None or datasets is None:
         found_license, found_datasets = found or ingredient_metadata(recipe.ingredients, token=token)
         license = license or found_license or previous.get("license")
         datasets = datasets or found_datasets or _as_list(previous.get("datasets"))
-    results, plot = _adopt_eval_results(folder, eval_results)
+    results, plot = _adopt_eval_results(folder, eval_results, keep=keep)
     name = model_name or (repo_id.split("/")[-1] if repo_id else _folder_name(folder))
-    card = render_card(
+    return render_card(
         recipe,
         repo_id=repo_id,
         model_name=name,
@@ -427,9 +467,6 @@ def write_card(
         eval_results=results,
         eval_plot=plot,
     )
-    path = folder / CARD_NAME
-    path.write_text(card, encoding="utf-8")
-    return path
 
 
 def _folder_name(folder: Path) -> str:
@@ -445,9 +482,10 @@ def _as_list(value: object) -> list[str] | None:
 
 
 def _adopt_eval_results(
-    folder: Path, given: str | os.PathLike | EvalResults | None
+    folder: Path, given: str | os.PathLike | EvalResults | None, *, keep: bool = True
 ) -> tuple[EvalResults | None, str | None]:
-    """Load the eval results, keeping a copy (and one of the plot) in `folder`; return them and the plot's name."""
+    """Load the eval results, keeping a copy (and one of the plot) in `folder` when `keep`; return them and the
+    plot's name."""
     target = folder / EVAL_RESULTS_NAME
     if given is None:
         if not target.is_file():
@@ -458,6 +496,8 @@ def _adopt_eval_results(
     if plot is not None and (plot.suffix.lower() not in PLOT_SUFFIXES or not plot.is_file()):
         logger.warning("evaluation plot %s not found (or not an image); the card shows the table only", plot.name)
         plot = None
+    if not keep:
+        return results, plot.name if plot is not None and plot.resolve() == (folder / plot.name).resolve() else None
     if plot is not None and plot.resolve() != (folder / plot.name).resolve():
         shutil.copyfile(plot, folder / plot.name)
     # The folder's copy names the plot beside it, so a later refresh (e.g. when pushing) finds both.

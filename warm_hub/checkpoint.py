@@ -146,12 +146,24 @@ def _read_index(source: IngredientSource, name: str) -> dict[str, str]:
 
 
 def read_header(source: IngredientSource, file: str) -> ShardHeader:
-    """Read and validate one shard's header (two small reads)."""
+    """Read and validate one shard's header (two small reads).
+
+    Raises:
+        CheckpointFormatError: the header is malformed; the message names the ingredient and the file.
+    """
     size = source.file_size(file)
     prefix = source.read_bytes(file, 0, min(8, size))
-    length = parse_header_length(prefix, file=file, file_size=size)
+    # The parser knows the file's name only, and every ingredient has a `model.safetensors`: add whose it is.
+    try:
+        length = parse_header_length(prefix, file=file, file_size=size)
+    except CheckpointFormatError as exc:
+        raise CheckpointFormatError(f"{source.label}/{exc}") from None
     assert length <= MAX_HEADER_BYTES
-    return parse_header(source.read_bytes(file, 8, length), file=file, file_size=size)
+    raw = source.read_bytes(file, 8, length)
+    try:
+        return parse_header(raw, file=file, file_size=size)
+    except CheckpointFormatError as exc:
+        raise CheckpointFormatError(f"{source.label}/{exc}") from None
 
 
 def read_checkpoint(source: IngredientSource) -> Checkpoint:

@@ -84,6 +84,32 @@ def chunk_elements(plan: MergePlan, max_memory: int, *, mapped_cpu: bool = False
     return elements
 
 
+def check_open_files(plan: MergePlan, sources: Sequence[IngredientSource]) -> None:
+    """Make sure the merge can hold every file it needs open at once, raising the soft limit if need be.
+
+    The output shards are all open while the engine writes, and each source keeps a few of its files open.
+
+    Raises:
+        InvalidOptionError: even the hard limit on open files (`ulimit -n`) is too low.
+    """
+    try:
+        import resource
+    except ImportError:  # not on POSIX: no limit to check
+        return
+    # Slack for the interpreter, torch, sockets of Hub sources, the journal and the side files.
+    needed = len(plan.shards) + sum(s.open_files_needed() for s in sources) + 64
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    if hard == resource.RLIM_INFINITY or hard >= needed:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+        return
+    raise InvalidOptionError(
+        f"this merge needs about {needed} open files ({len(plan.shards)} output shards, {len(sources)} ingredients)"
+        f" but the limit is {hard} (`ulimit -n`); raise it, or pass a larger --shard-size for fewer output shards"
+    )
+
+
 def work_items(plan: MergePlan, chunk: int) -> list[WorkItem]:
     """Every chunk of the output, in file order (shard, then offset)."""
     items: list[WorkItem] = []
@@ -110,9 +136,13 @@ class _Slot:
 
 def averaging_threads() -> int:
     """How many threads average on the CPU: one per core this process may use, keeping one for the writer."""
-    override = os.environ.get("WARM_HUB_CPU_THREADS")
+    override = os.environ.get("WARM_HUB_CPU_THREADS", "").strip()
     if override:
-        return max(1, int(override))
+        if not override.isascii() or not override.isdigit() or int(override) < 1:
+            raise InvalidOptionError(
+                f"WARM_HUB_CPU_THREADS={override[:20]!r}: expected a whole number of threads, at least 1"
+            )
+        return int(override)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, min(cores - 1, 16))
 
@@ -357,11 +387,20 @@ class MergeEngine:
                 return
             item, slot, inputs = message
             if slot is not None:
+                if slot.inputs.count(None):
+                    self._check_mapped(item, slot)
                 self._compute(item, slot, inputs)
                 del inputs
                 if slot.inputs.count(None):
                     self._release(item)
             finished.put((item, slot))
+
+    def _check_mapped(self, item: WorkItem, slot: _Slot) -> None:
+        """Check the mapped inputs of a chunk are still there, right before touching them (see `check_mapped`)."""
+        for source, info, buffer in zip(self.sources, item.tensor.inputs, slot.inputs, strict=True):
+            if buffer is None:
+                size = itemsize(info.dtype)
+                source.check_mapped(info.file, info.start + item.start * size, item.count * size)
 
     def _release(self, item: WorkItem) -> None:
         """Hand the mapped input pages of a finished chunk back, a few chunks at a time.

@@ -281,7 +281,10 @@ def is_warm_model(source: str | os.PathLike, *, token=None) -> bool:
         return (path / RECIPE_NAME).is_file()
     from huggingface_hub import file_exists
 
-    return file_exists(str(source), RECIPE_NAME, token=token)
+    from .hub_errors import hub_errors
+
+    with hub_errors(str(source), token=token, retry="retry later"):
+        return file_exists(str(source), RECIPE_NAME, token=token)
 
 
 def _greedy_soup(members, rewards, held_out, averaged) -> tuple[list[str], dict]:

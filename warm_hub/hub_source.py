@@ -7,6 +7,7 @@ Hugging Face cache are read from there. With `HF_HUB_OFFLINE=1` everything comes
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import shutil
@@ -147,6 +148,10 @@ class HubSource(IngredientSource):
         """Open `org/name`, `org/name@revision` or `hf://org/name@revision` (see `parse_reference`)."""
         reference = parse_reference(text)
         return cls(reference.repo_id, revision=reference.revision, token=token, **kwargs)
+
+    def label_choices(self) -> list[str]:
+        # The same repo at two revisions: tell them apart by commit.
+        return [self.repo_id, f"{self.repo_id}@{self.revision[:12]}", f"{self.repo_id}@{self.revision}"]
 
     def __repr__(self) -> str:
         return f"HubSource({self.repo_id!r}, revision={self.revision!r}, strategy={self.strategy!r})"
@@ -407,7 +412,7 @@ class HubSource(IngredientSource):
                 if translated is error and not isinstance(error, HubTransferError):
                     translated = HubTransferError(
                         f"{self.repo_id}@{self.revision[:12]}: reading {name} failed {MAX_RETRIES + 1} times"
-                        f" ({type(error).__name__}); rerun with --resume to continue"
+                        f" ({_describe(error)}); rerun with --resume to continue"
                     )
                 raise translated from error
             wait = 0.0 if received else min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (failures - 1))
@@ -467,8 +472,12 @@ class HubSource(IngredientSource):
                         with hub_errors(self.repo_id, revision=self.revision, token=self.token, what=name):
                             hf_raise_for_status(r)
                     if r.status_code == 200 and start != 0:
+                        # Both pull strategies read byte ranges; only a whole download (into the cache, which
+                        # warm-hub reads from) gets past a server or proxy that ignores them.
                         raise HubTransferError(
-                            f"{self.repo_id}/{name}: the server ignored the Range request; set WARM_HUB_PULL=download"
+                            f"{self.repo_id}/{name}: the server ignored the Range request, so it cannot be read in"
+                            f" parts; download the repo once (`hf download {self.repo_id} --revision {self.revision}`)"
+                            " and rerun: files in the local cache are read from there"
                         )
                     if r.status_code == 206 and not r.headers.get("Content-Range", "").startswith(f"bytes {start}-"):
                         raise HubTransferError(f"{self.repo_id}/{name}: the server sent another byte range")
@@ -497,11 +506,13 @@ def _describe(error: BaseException) -> str:
 
 
 def _retry_after(response) -> float | None:
+    """The server's `Retry-After` in seconds (at most 60), or None when absent or not a sane delay (-1, nan)."""
     value = response.headers.get("Retry-After")
     try:
-        return min(float(value), 60.0) if value else None
+        seconds = float(value) if value else None
     except ValueError:
         return None
+    return min(seconds, 60.0) if seconds is not None and math.isfinite(seconds) and seconds >= 0 else None
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:

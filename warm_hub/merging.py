@@ -23,7 +23,7 @@ from . import __version__
 from .checkpoint import EXPLICIT_WEIGHTS_KEY, read_checkpoint
 from .compatibility import check_compatibility, parse_allowed_mismatches, refusal_message
 from .configs import CONFIG_NAME, load_config
-from .engine import DISK_FULL_ERRNOS, MergeEngine, ShardWriter, chunk_elements, disk_full
+from .engine import DISK_FULL_ERRNOS, MergeEngine, ShardWriter, check_open_files, chunk_elements, disk_full
 from .errors import (
     CheckpointFormatError,
     DiskFullError,
@@ -228,6 +228,7 @@ def merge(
         for line in verdict.allowed:
             logger.warning("merging ingredients that differ, as --allow-config-mismatch asks: %s", line)
         plan = plan_merge(checkpoints, weights=weights, dtype=dtype, shard_size=shard_bytes)
+        check_open_files(plan, opened)
         fingerprint = plan.fingerprint([s.identity() for s in opened])
         partial = partial_folder(out)
         journal = ResumeJournal.load(partial, fingerprint=fingerprint) if resume else None

@@ -85,9 +85,14 @@ class MergePlan:
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def natural_key(name: str) -> list[object]:
-    """`layers.10` after `layers.9`: digits compare as numbers."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+def natural_key(name: str) -> tuple[list[object], str]:
+    """`layers.10` after `layers.9`: runs of ASCII digits compare as numbers, everything else as text.
+
+    Only ASCII digits count (`str.isdigit` is also true of `²`, which `int` refuses), and the name itself breaks
+    ties (`a.01` and `a.1`), so any two names compare, and always the same way.
+    """
+    parts = re.split(r"([0-9]+)", name)
+    return [int(part) if i % 2 else part for i, part in enumerate(parts)], name
 
 
 def normalize_weights(weights: list[float] | None, count: int) -> list[float]:
@@ -104,7 +109,12 @@ def normalize_weights(weights: list[float] | None, count: int) -> list[float]:
         raise InvalidOptionError(f"{len(weights)} weights given for {count} ingredients")
     if any(not math.isfinite(w) or w < 0 for w in weights):
         raise InvalidOptionError(f"weights must be finite and non-negative, got {weights}")
-    total = math.fsum(weights)
+    try:
+        total = math.fsum(weights)
+    except OverflowError:  # finite weights whose sum is not (1e308,1e308): only their ratios matter
+        largest = max(weights)
+        weights = [w / largest for w in weights]
+        total = math.fsum(weights)
     if total <= 0:
         raise InvalidOptionError("the weights sum to zero")
     return [w / total for w in weights]

@@ -87,8 +87,10 @@ class RewardModel:
         else:
             torch_dtype = getattr(torch, dtype)
         from .finetune.progress import quiet_transformers
+        from .hub_errors import hub_errors
 
-        with quiet_transformers():
+        where = dict(repo_id=str(path_or_repo), revision=revision, token=token, retry="retry later")
+        with quiet_transformers(), hub_errors(**where):
             model, info = AutoModelForSequenceClassification.from_pretrained(
                 path_or_repo, dtype=torch_dtype, revision=revision, token=token, output_loading_info=True
             )
@@ -98,7 +100,8 @@ class RewardModel:
                 f"{path_or_repo} is not a reward model: {sorted(info['missing_keys'])[:4]} are missing from it and"
                 " would be initialised at random"
             )
-        tokenizer = AutoTokenizer.from_pretrained(path_or_repo, revision=revision, token=token)
+        with hub_errors(**where):
+            tokenizer = AutoTokenizer.from_pretrained(path_or_repo, revision=revision, token=token)
         kwargs.setdefault("name", _short_name(str(path_or_repo)))
         return cls(model.to(device), tokenizer, **kwargs)
 
@@ -129,7 +132,7 @@ class RewardModel:
             prompts = [prompts] * len(responses)
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts for {len(responses)} responses")
-        ids = encode(self.tokenizer, list(prompts), list(responses))
+        ids = encode(self.tokenizer, list(prompts), list(responses), max_length=self.max_length)
         return self.score_ids(ids, batch_size=batch_size)
 
     def score_ids(self, ids: list[list[int]], *, batch_size: int | None = None) -> list[float]:

@@ -9,9 +9,11 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import stat
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from .errors import CheckpointFormatError, PickleCheckpointError, SourceNotFoundError
@@ -20,6 +22,9 @@ SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 READAHEAD_WINDOW = 64 << 20  # bytes of a memory-mapped file asked ahead of the reads at once
+# Files of one local ingredient open at once. Merges read shards mostly in order, so a few suffice; hundreds of
+# shards open at once would exhaust the usual limit of 1024 descriptors.
+MAX_OPEN_FILES = 4
 # Small files copied from the first ingredient to the output (tokenizer, generation and processor configs).
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -75,12 +80,19 @@ class IngredientSource(ABC):
     def fetch(self, name: str) -> Path | None:
         """A local path to a small file (config, tokenizer), or None if the checkpoint has no such file."""
 
+    def label_choices(self) -> list[str]:
+        """Labels from the shortest to the most precise, for telling apart ingredients whose labels collide."""
+        return [self.label]
+
     def map_view(self, name: str, offset: int, length: int) -> memoryview | None:
         """A zero-copy view of a byte range (memory-mapped local files), or None where reads must copy."""
         return None
 
     def release(self, name: str, offset: int, length: int) -> None:  # noqa: B027 - optional hook
         """Say a range from `map_view` is no longer needed, so its pages leave this process's memory."""
+
+    def check_mapped(self, name: str, offset: int, length: int) -> None:  # noqa: B027 - optional hook
+        """Raise if a range from `map_view` can no longer be read (its file was shortened since)."""
 
     def read_bytes(self, name: str, offset: int, length: int) -> bytes:
         buffer = bytearray(length)
@@ -90,6 +102,10 @@ class IngredientSource(ABC):
     def identity(self) -> dict[str, object]:
         """What makes this ingredient this one, for the resume fingerprint."""
         return {"label": self.label, "revision": self.revision}
+
+    def open_files_needed(self) -> int:
+        """File descriptors this source may hold open at once while a merge reads it."""
+        return 8
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release open files or connections."""
@@ -101,8 +117,25 @@ class IngredientSource(ABC):
         self.close()
 
 
+class _OpenFile:
+    """One input file's open state: a descriptor for `pread` and/or a read-only map (which holds its own)."""
+
+    __slots__ = ("fd", "map", "advised", "users")
+
+    def __init__(self) -> None:
+        self.fd: int | None = None
+        self.map: mmap.mmap | None = None
+        self.advised = 0  # bytes from the start already asked ahead (madvise WILLNEED)
+        self.users = 0  # reads in progress on `fd`
+
+
 class LocalSource(IngredientSource):
-    """A checkpoint folder (or a single `.safetensors` file) on local disk, read with `pread`."""
+    """A checkpoint folder (or a single `.safetensors` file) on local disk, memory-mapped or read with `pread`.
+
+    At most `MAX_OPEN_FILES` of its files are open at once (least recently used first to go), so that a
+    merge of many shards stays within the open-file limit; a file shortened while it is read is an error
+    naming it.
+    """
 
     def __init__(self, path: str | os.PathLike) -> None:
         path = Path(path).expanduser()
@@ -120,9 +153,8 @@ class LocalSource(IngredientSource):
             self._only = None
         self.label = path.name if path.is_dir() else path.stem
         self.path = path
-        self._fds: dict[str, int] = {}
-        self._maps: dict[str, mmap.mmap] = {}
-        self._advised: dict[str, int] = {}
+        self._links_root = _cache_repo_root(self.root)
+        self._open: OrderedDict[str, _OpenFile] = OrderedDict()  # least recently used first
         self._lock = threading.Lock()
 
     def list_files(self) -> list[str]:
@@ -132,65 +164,150 @@ class LocalSource(IngredientSource):
 
     def _resolve(self, name: str) -> Path:
         candidate = (self.root / name).resolve()
-        if candidate != self.root and self.root not in candidate.parents:
-            raise CheckpointFormatError(f"{self.path}: {name!r} points outside the checkpoint folder")
+        # A Hugging Face cache snapshot's files are links into the repo's `blobs/`: links may go anywhere in
+        # that repo's cache folder (`models--org--name/`), never outside it.
+        allowed = self._links_root or self.root
+        if candidate != allowed and allowed not in candidate.parents:
+            where = "the cached repo's folder" if self._links_root else "the checkpoint folder"
+            raise CheckpointFormatError(f"{self.path}: {name!r} points outside {where}")
         return candidate
+
+    def label_choices(self) -> list[str]:
+        # Path suffixes of the resolved location: `rm0`, then `run-a/rm0`, ... (never an absolute path).
+        parts = (self.root / self._only).with_suffix("").parts if self._only else self.root.parts
+        parts = [p for p in parts if p != "/"]
+        return [self.label] + ["/".join(parts[-k:]) for k in range(2, len(parts) + 1)]
 
     def file_size(self, name: str) -> int:
         try:
-            return self._resolve(name).stat().st_size
+            st = self._resolve(name).stat()
         except FileNotFoundError:
             raise CheckpointFormatError(f"{self.path}: file {name!r} is missing") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointFormatError(f"{self.path}: {name!r} is not a regular file")
+        return st.st_size
 
-    def _fd(self, name: str) -> int:
-        fd = self._fds.get(name)
-        if fd is None:
-            with self._lock:
-                fd = self._fds.get(name)
-                if fd is None:
-                    fd = os.open(self._resolve(name), os.O_RDONLY)
-                    self._fds[name] = fd
+    def _entry(self, name: str) -> _OpenFile:
+        """The open state of `name` (made the most recently used); the caller holds the lock."""
+        entry = self._open.get(name)
+        if entry is None:
+            entry = self._open[name] = _OpenFile()
+            self._evict()
+        else:
+            self._open.move_to_end(name)
+        return entry
+
+    def _evict(self) -> None:
+        """Close the least recently used files beyond `MAX_OPEN_FILES` (those no read or view still uses)."""
+        excess = len(self._open) - MAX_OPEN_FILES
+        for name in list(self._open)[:-1]:  # never the one just asked for
+            if excess <= 0:
+                return
+            entry = self._open[name]
+            if entry.users:
+                continue
+            if entry.map is not None:
+                try:
+                    entry.map.close()
+                except BufferError:
+                    continue  # a chunk still being averaged views it: it goes later
+                entry.map = None
+            if entry.fd is not None:
+                os.close(entry.fd)
+                entry.fd = None
+            del self._open[name]
+            excess -= 1
+
+    def _open_fd(self, name: str) -> int:
+        path = self._resolve(name)
+        # O_NONBLOCK: opening a FIFO (or a device) named by an index must not wait forever for a writer.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise CheckpointFormatError(f"{self.path}: {name!r} is not a regular file")
+        except BaseException:
+            os.close(fd)
+            raise
         return fd
 
     def read_into(self, name: str, offset: int, buffer: memoryview) -> None:
-        fd, done, total = self._fd(name), 0, len(buffer)
-        while done < total:
-            n = os.preadv(fd, [buffer[done:]], offset + done)
-            if n == 0:
-                raise CheckpointFormatError(
-                    f"{self.path}/{name}: file ended at byte {offset + done}, expected {offset + total} (truncated?)"
-                )
-            done += n
+        with self._lock:
+            entry = self._entry(name)
+            if entry.fd is None:
+                entry.fd = self._open_fd(name)
+            entry.users += 1
+            fd = entry.fd
+        try:
+            done, total = 0, len(buffer)
+            while done < total:
+                n = os.preadv(fd, [buffer[done:]], offset + done)
+                if n == 0:
+                    raise CheckpointFormatError(
+                        f"{self.path}/{name}: file ended at byte {offset + done}, expected {offset + total}"
+                        " (truncated?)"
+                    )
+                done += n
+        finally:
+            with self._lock:
+                entry.users -= 1
 
     def map_view(self, name: str, offset: int, length: int) -> memoryview | None:
         # Mapping the page cache beats copying it with pread: averaging reads the input bytes exactly once.
         # Copy-on-write keeps the mapping writable for torch.frombuffer without ever touching the file.
         if length == 0:
             return None
-        mapped = self._maps.get(name)
-        if mapped is None:
-            with self._lock:
-                mapped = self._maps.get(name)
-                if mapped is None:
-                    mapped = mmap.mmap(self._fd(name), 0, access=mmap.ACCESS_COPY)
-                    self._maps[name] = mapped
-        if offset + length > len(mapped):
-            raise CheckpointFormatError(f"{self.path}/{name}: file is shorter than its header says (truncated?)")
-        if offset + length > self._advised.get(name, 0):
-            # Read ahead a window at a time (a cold page cache reads in big requests, not fault by fault); one
-            # call per window, as each madvise costs more than a chunk's worth of work on a cached file.
-            start = offset - offset % mmap.PAGESIZE
-            end = min(len(mapped), max(offset + length, start + READAHEAD_WINDOW))
-            mapped.madvise(mmap.MADV_WILLNEED, start, end - start)
-            self._advised[name] = end
-        return memoryview(mapped)[offset : offset + length]
+        with self._lock:
+            entry = self._entry(name)
+            if entry.map is None:
+                fd = entry.fd if entry.fd is not None else self._open_fd(name)
+                try:
+                    entry.map = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+                finally:
+                    # The map holds a descriptor of its own: one per mapped file, not two.
+                    if entry.users == 0:
+                        os.close(fd)
+                        entry.fd = None
+                    else:
+                        entry.fd = fd
+                entry.advised = 0
+            mapped = entry.map
+            if offset + length > len(mapped):
+                raise CheckpointFormatError(f"{self.path}/{name}: file is shorter than its header says (truncated?)")
+            self._check_size(name, mapped, offset + length)
+            if offset + length > entry.advised:
+                # Read ahead a window at a time (a cold page cache reads in big requests, not fault by fault);
+                # one call per window, as each madvise costs more than a chunk's worth of work on a cached file.
+                start = offset - offset % mmap.PAGESIZE
+                end = min(len(mapped), max(offset + length, start + READAHEAD_WINDOW))
+                mapped.madvise(mmap.MADV_WILLNEED, start, end - start)
+                entry.advised = end
+            return memoryview(mapped)[offset : offset + length]
+
+    def check_mapped(self, name: str, offset: int, length: int) -> None:
+        with self._lock:
+            entry = self._open.get(name)
+            if entry is not None and entry.map is not None:
+                self._check_size(name, entry.map, offset + length)
+
+    def _check_size(self, name: str, mapped: mmap.mmap, end: int) -> None:
+        # Touching a mapped page past the end of a file shortened since it was mapped kills the process with
+        # SIGBUS, which Python cannot catch: the size (one fstat) is checked when a window is handed out and
+        # again right before it is averaged. Only a truncation during that one chunk's averaging stays unseen.
+        size = mapped.size()
+        if end > size:
+            raise CheckpointFormatError(
+                f"{self.path}/{name}: the file shrank to {size} bytes while being merged (truncated or rewritten"
+                " in place?); restore it and rerun"
+            )
 
     def release(self, name: str, offset: int, length: int) -> None:
-        mapped = self._maps.get(name)
-        if mapped is None or length == 0:
-            return
-        start = offset - offset % mmap.PAGESIZE
-        mapped.madvise(mmap.MADV_DONTNEED, start, offset + length - start)
+        with self._lock:
+            entry = self._open.get(name)
+            mapped = entry.map if entry is not None else None
+            if mapped is None or length == 0:
+                return
+            start = offset - offset % mmap.PAGESIZE
+            mapped.madvise(mmap.MADV_DONTNEED, start, offset + length - start)
 
     def fetch(self, name: str) -> Path | None:
         path = self._resolve(name)
@@ -206,17 +323,30 @@ class LocalSource(IngredientSource):
                 files[name] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
         return {"label": self.label, "path": str(self.root), "files": files}
 
+    def open_files_needed(self) -> int:
+        """File descriptors this source may hold at once during a merge."""
+        return min(MAX_OPEN_FILES, len([f for f in self.list_files() if f.endswith(".safetensors")]) or 1) + 1
+
     def close(self) -> None:
         with self._lock:
-            for mapped in self._maps.values():
-                try:
-                    mapped.close()
-                except BufferError:
-                    pass  # a view is still alive somewhere; the mapping goes when it does
-            self._maps.clear()
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
+            for entry in self._open.values():
+                if entry.map is not None:
+                    try:
+                        entry.map.close()
+                    except BufferError:
+                        pass  # a view is still alive somewhere; the mapping goes when it does
+                if entry.fd is not None:
+                    os.close(entry.fd)
+            self._open.clear()
+
+
+def _cache_repo_root(folder: Path) -> Path | None:
+    """The repo folder of a Hugging Face cache snapshot (`.../models--org--name/snapshots/<sha>`), or None."""
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        repo = folder.parent.parent
+        if (repo / "blobs").is_dir():
+            return repo
+    return None
 
 
 def is_hub_reference(text: str) -> bool:
@@ -242,16 +372,42 @@ def open_source(text: str, *, token: str | bool | None = None) -> IngredientSour
     return LocalSource(text)
 
 
+def assign_unique_labels(sources: Sequence[IngredientSource]) -> None:
+    """Give ingredients whose labels collide (two folders named `rm0`) the shortest labels that tell them apart.
+
+    Each colliding source moves to its next `label_choices()` entry until no two differ in what they are yet
+    share a label; the same source given twice keeps one label.
+    """
+    while True:
+        groups: dict[str, list[IngredientSource]] = {}
+        for source in sources:
+            groups.setdefault(source.label, []).append(source)
+        changed = False
+        for group in groups.values():
+            if len({tuple(s.label_choices()) for s in group}) < 2:
+                continue  # one label, one ingredient (given more than once)
+            for source in group:
+                choices = source.label_choices()
+                position = choices.index(source.label) if source.label in choices else -1
+                if position + 1 < len(choices):
+                    source.label = choices[position + 1]
+                    changed = True
+        if not changed:
+            return
+
+
 def open_sources(
     sources: Iterable[str | os.PathLike | IngredientSource],
     stack: contextlib.ExitStack,
     *,
     token: str | bool | None = None,
 ) -> list[IngredientSource]:
-    """Open every source (paths and repo ids via `open_source`), each closed when `stack` closes."""
+    """Open every source (paths and repo ids via `open_source`), each closed when `stack` closes, and label
+    them so that no two ingredients share a label (`assign_unique_labels`)."""
     opened = []
     for source in sources:
         if not isinstance(source, IngredientSource):
             source = open_source(os.fspath(source), token=token)
         opened.append(stack.enter_context(source))
+    assign_unique_labels(opened)
     return opened

@@ -55,8 +55,14 @@ def load_preference_data(source: str | Path, *, split: str = "train", revision: 
             raise PreferenceDataError(
                 f"{path.name}: unsupported data file type {path.suffix!r} (use .jsonl, .json or .parquet)"
             )
+        check_data_file(path)
         with quiet_datasets():
-            dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
+            try:
+                dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
+            except (OSError, ValueError, StopIteration, datasets.exceptions.DatasetGenerationError) as exc:
+                # What the checks above cannot see (a damaged parquet row group, ...): still one line.
+                cause = exc.__cause__ or exc
+                raise PreferenceDataError(f"{path.name}: cannot be read as {builder} ({_first_line(cause)})") from exc
     elif path.is_dir():
         if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
             loaded = datasets.load_from_disk(str(path))
@@ -71,8 +77,74 @@ def load_preference_data(source: str | Path, *, split: str = "train", revision: 
     return dataset
 
 
+def check_data_file(path: Path) -> None:
+    """Check a local data file before `datasets` reads it, so that damage is one line that says where.
+
+    JSON Lines are read line by line (UTF-8, one JSON object each); a JSON file may also hold one array of
+    objects; a parquet file must have its footer (a truncated one does not).
+
+    Raises:
+        PreferenceDataError: empty, not UTF-8, not JSON, or not a readable parquet file.
+    """
+    if path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            rows = pq.ParquetFile(path).metadata.num_rows
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises several kinds for a damaged file
+            raise PreferenceDataError(
+                f"{path.name}: not a readable parquet file, truncated or corrupt ({_first_line(exc)})"
+            ) from None
+        if rows == 0:
+            raise PreferenceDataError(f"{path.name}: no preference pairs (the file has no rows)")
+        return
+    import json
+
+    with open(path, "rb") as f:
+        start = f.read(4096).lstrip()
+        if not start:
+            raise PreferenceDataError(f"{path.name}: no preference pairs (the file is empty)")
+        if start[:1] == b"[":
+            f.seek(0)
+            try:
+                rows = json.loads(f.read().decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                raise PreferenceDataError(f"{path.name}: not UTF-8 text (byte {exc.start})") from None
+            except ValueError as exc:
+                raise PreferenceDataError(f"{path.name}: not valid JSON ({exc})") from None
+            if not rows or not all(isinstance(r, dict) for r in rows):
+                raise PreferenceDataError(f"{path.name}: expected a non-empty JSON array of objects")
+            return
+        f.seek(0)
+        count = 0
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as exc:
+                raise PreferenceDataError(f"{path.name} line {number}: not UTF-8 text (byte {exc.start})") from None
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as exc:
+                raise PreferenceDataError(f"{path.name} line {number}: not JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise PreferenceDataError(
+                    f"{path.name} line {number}: expected a JSON object, got {type(row).__name__}"
+                )
+            count += 1
+    if count == 0:
+        raise PreferenceDataError(f"{path.name}: no preference pairs (only blank lines)")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
+
+
 def check_preference_columns(dataset, *, label: str) -> None:
-    """Raise `PreferenceDataError` unless `dataset` has `chosen` and `rejected` columns (and at least one row)."""
+    """Raise `PreferenceDataError` unless `dataset` has `chosen` and `rejected` columns (and at least one row)
+    whose values are non-empty texts or lists of messages (`check_preference_rows`)."""
     missing = [c for c in ("chosen", "rejected") if c not in dataset.column_names]
     if missing:
         raise PreferenceDataError(
@@ -81,6 +153,26 @@ def check_preference_columns(dataset, *, label: str) -> None:
         )
     if len(dataset) == 0:
         raise PreferenceDataError(f"{label}: no preference pairs")
+    columns = {c: dataset[c] for c in ("prompt", "chosen", "rejected") if c in dataset.column_names}
+    check_preference_values(columns, label=label)
+
+
+def check_preference_values(columns: dict[str, Sequence[Any]], *, label: str) -> None:
+    """Check every `chosen`/`rejected` value is a non-blank text or a list of messages, and every prompt
+    (when present) text, messages or null: an empty text has no tokens to score.
+
+    Raises:
+        PreferenceDataError: naming the first bad pair (counted from 1).
+    """
+    for key in ("chosen", "rejected", "prompt"):
+        for number, value in enumerate(columns.get(key, ()), start=1):
+            if isinstance(value, str):
+                if key != "prompt" and not value.strip():
+                    raise PreferenceDataError(f"{label}: pair {number} has an empty {key!r} text")
+            elif not is_conversational(value) and not (key == "prompt" and value is None):
+                raise PreferenceDataError(
+                    f"{label}: pair {number}: {key!r} must be text or a list of messages, got {type(value).__name__}"
+                )
 
 
 def corrupt_labels(dataset, fraction: float, *, seed: int):
@@ -155,9 +247,55 @@ def format_text(tokenizer, prompt: str | list[dict] | None, response: str | list
     return join_prompt_response(prompt, response), True
 
 
-def encode(tokenizer, prompts: Sequence[Any], responses: Sequence[Any]) -> list[list[int]]:
-    """Token ids of every (prompt, response) under `format_text`, without truncation or padding."""
+# A text longer than `max_length * CHARS_PER_TOKEN` characters is cut to its end before tokenizing: a reward
+# model reads at most `max_length` tokens of it (its end), and tokenizing a 20 MB text took a minute and 5 GB.
+CHARS_PER_TOKEN = 32  # generous: real tokens average 3-5 characters; too few tokens makes the cut grow anyway
+MARGIN_TOKENS = 16  # tokens beyond `max_length` that a cut text must still give (the cut only changes its start)
+
+
+def encode(
+    tokenizer, prompts: Sequence[Any], responses: Sequence[Any], *, max_length: int | None = None
+) -> list[list[int]]:
+    """Token ids of every (prompt, response) under `format_text`, without truncation or padding.
+
+    Args:
+        tokenizer: the reward model's tokenizer.
+        prompts: one prompt per response (text, messages or None).
+        responses: the responses.
+        max_length: when given, a very long text is cut to its last characters before tokenizing, so that its
+            row is shorter than the full text's but longer than `max_length + MARGIN_TOKENS`, and its last
+            `max_length` tokens are the full text's. Callers keep the end of long rows, or drop them, and get
+            the same result as without the cut; texts under `max_length * CHARS_PER_TOKEN` are never cut.
+
+    Returns:
+        One list of token ids per pair.
+    """
     texts = [format_text(tokenizer, p, r) for p, r in zip(prompts, responses, strict=True)]
+    limit = None if max_length is None else max_length * CHARS_PER_TOKEN
+    cut = [limit is not None and len(text) > limit for text, _ in texts]
+    work = [(_tail(text, limit) if c else text, special) for (text, special), c in zip(texts, cut, strict=True)]
+    ids = _tokenize(tokenizer, work)
+    for i in [i for i, c in enumerate(cut) if c]:
+        chars = limit
+        # Rare: tokens longer than CHARS_PER_TOKEN on average (long runs of one character). Widen the cut until
+        # the kept end is far from it, or the text is whole.
+        while len(ids[i]) <= max_length + MARGIN_TOKENS and chars < len(texts[i][0]):
+            chars *= 4
+            text = texts[i][0] if chars >= len(texts[i][0]) else _tail(texts[i][0], chars)
+            ids[i] = _tokenize(tokenizer, [(text, texts[i][1])])[0]
+    return ids
+
+
+def _tail(text: str, chars: int) -> str:
+    """The last `chars` characters of `text` or a little fewer, starting at whitespace when there is some near:
+    tokenizers split words at whitespace first, so the tokens after the cut are those of the whole text."""
+    start = len(text) - chars
+    match = re.compile(r"\s").search(text, start, start + 256)
+    return text[match.start() if match else start :]
+
+
+def _tokenize(tokenizer, texts: list[tuple[str, bool]]) -> list[list[int]]:
+    """Token ids of (text, add special tokens) pairs, in one tokenizer call for each kind."""
     ids: list[list[int] | None] = [None] * len(texts)
     for special in (True, False):
         positions = [i for i, (_, s) in enumerate(texts) if s is special]
@@ -195,8 +333,8 @@ def tokenize_preferences(dataset, tokenizer, *, max_length: int):
     def tokenize(batch: dict) -> dict:
         prompts = batch["prompt"] if has_prompt else [None] * len(batch["chosen"])
         return {
-            "input_ids_chosen": encode(tokenizer, prompts, batch["chosen"]),
-            "input_ids_rejected": encode(tokenizer, prompts, batch["rejected"]),
+            "input_ids_chosen": encode(tokenizer, prompts, batch["chosen"], max_length=max_length),
+            "input_ids_rejected": encode(tokenizer, prompts, batch["rejected"], max_length=max_length),
         }
 
     with quiet_datasets():

@@ -45,12 +45,16 @@ def push_members(paths: list[Path], prefix: str, *, private: bool = False, token
     """
     from huggingface_hub import HfApi
 
+    from ..hub_errors import hub_errors
+
     api = HfApi(token=token)
     urls = []
     for path in paths:
         repo_id = f"{prefix}-{path.name}"
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        info = api.upload_folder(repo_id=repo_id, folder_path=path, commit_message=f"Upload WARM {path.name}")
+        retry = f"the members are saved: push {path} again with `hf upload {repo_id} {path}`"
+        with hub_errors(repo_id, token=token, action="push", retry=retry):
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            info = api.upload_folder(repo_id=repo_id, folder_path=path, commit_message=f"Upload WARM {path.name}")
         urls.append(str(info.commit_url if hasattr(info, "commit_url") else info))
         logger.info("pushed %s to %s", path.name, repo_id)
     return urls

@@ -7,6 +7,7 @@ and differs along the chosen axes: data order, learning rate, dropout, base chec
 from __future__ import annotations
 
 import gc
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -140,6 +141,25 @@ def load_reward_backbone(base: str, *, tokenizer, dropout: float | None = None, 
 
 
 def finetune(config: FinetuneConfig, *, token=None, tqdm_class=None) -> FinetuneResult:
+    """Train `config.members` reward models (`_finetune`); a run that fails leaves no scratch or partial folder.
+
+    On failure, the trainer's scratch folder goes, and so does `config.out` when this run created it (it did not
+    exist or was empty) and did not finish; a finished run whose push fails keeps its members.
+    """
+    out = Path(config.out)
+    fresh = not out.exists() or (out.is_dir() and not any(out.iterdir()))
+    try:
+        return _finetune(config, token=token, tqdm_class=tqdm_class)
+    except BaseException:
+        if int(os.environ.get("RANK", "0") or 0) == 0:  # under `accelerate launch`, the main process cleans up
+            if out.is_dir():
+                shutil.rmtree(out / TRAINER_DIR, ignore_errors=True)
+            if fresh and out.is_dir() and not (out / RUN_CONFIG_NAME).exists():
+                shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _finetune(config: FinetuneConfig, *, token=None, tqdm_class=None) -> FinetuneResult:
     """Train `config.members` reward models with the Bradley-Terry loss from one shared init.
 
     Works in one process (CPU or one GPU) or under `accelerate launch` (DDP, FSDP with a full state dict,

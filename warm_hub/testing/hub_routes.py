@@ -78,6 +78,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_PUT(self) -> None:
         self._handle("PUT")
 
+    def do_DELETE(self) -> None:
+        self._handle("DELETE")
+
     # ---- plumbing ------------------------------------------------------------------------------------------
 
     def _handle(self, method: str) -> None:
@@ -166,7 +169,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _send_blob(self, method: str, sha256: str, size: int, headers: dict[str, str | int]) -> None:
         """Send a blob with Range support; honours an injected connection drop."""
         start, end, status = 0, size - 1, 200
-        spec = self.headers.get("Range")
+        spec = None if self.hub.ignore_range else self.headers.get("Range")
         if spec:
             match = re.fullmatch(r"\s*bytes=(\d*)-(\d*)\s*", spec)
             if match is None or not (match.group(1) or match.group(2)):
@@ -224,6 +227,8 @@ class _Handler(BaseHTTPRequestHandler):
         s = self.segments
         if s[:2] == ["api", "repos"] and s[2:] == ["create"] and method == "POST":
             return self._create_repo(json.loads(body or b"{}"))
+        if s[:2] == ["api", "repos"] and s[2:] == ["delete"] and method == "DELETE":
+            return self._delete_repo(json.loads(body or b"{}"))
         if s[:2] == ["api", "validate-yaml"] and method == "POST":
             return self._validate_yaml(json.loads(body or b"{}"))
         if s[:2] == ["api", "whoami-v2"]:
@@ -265,6 +270,16 @@ class _Handler(BaseHTTPRequestHandler):
             private = payload.get("visibility") == "private" or bool(payload.get("private"))
             self.hub.create_repo(repo_id, private=private)
         self._json({"url": url, "name": repo_id, "id": repo_id})
+
+    def _delete_repo(self, payload: dict) -> None:
+        if self.user is None:
+            raise _Reply(401, "Invalid credentials in Authorization header")
+        repo_id = f"{payload.get('organization') or self.user}/{payload['name']}"
+        with self.hub.lock:
+            if repo_id not in self.hub.repos:
+                raise _Reply(404, "Repository not found", code="RepoNotFound")
+            del self.hub.repos[repo_id]
+        self._json({})
 
     def _validate_yaml(self, payload: dict) -> None:
         content = payload.get("content", "")

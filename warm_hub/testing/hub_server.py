@@ -149,6 +149,7 @@ class HubServer:
         requests: every request seen, in order.
         cdn_auth_leaks: requests to the CDN that carried an Authorization header (must stay 0).
         cdn_ttl: seconds a signed CDN URL stays valid.
+        ignore_range: answer every blob request with the whole file (HTTP 200), as some proxies do.
     """
 
     def __init__(self, *, sock: socket.socket | None = None, root: str | os.PathLike | None = None) -> None:
@@ -162,6 +163,7 @@ class HubServer:
         self.requests: list[Request] = []
         self.cdn_auth_leaks = 0
         self.cdn_ttl = 3600.0
+        self.ignore_range = False
         self.bytes_sent: dict[str, int] = {}
         self._secret = os.urandom(16)
         self._counter = 0
@@ -276,6 +278,7 @@ class HubServer:
             self.bytes_sent.clear()
             self.cdn_auth_leaks = 0
             self.cdn_ttl = 3600.0
+            self.ignore_range = False
 
     def close(self) -> None:
         for server in (self._hub, self._cdn):
