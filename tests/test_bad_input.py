@@ -457,6 +457,7 @@ def test_tensor_names_with_non_ascii_digits(tmp_path, run_cli):
         folder = tmp_path / f"m{i}"
         folder.mkdir()
         save_file({n: torch.full((3,), float(i)) for n in names}, folder / "model.safetensors")
+        (folder / "config.json").write_text('{"model_type": "llama"}')
         folders.append(folder)
     code, _, err = run_cli("merge", *folders, "--out", tmp_path / "out", "--shard-size", "20")
     assert code == 0, err
