@@ -26,13 +26,20 @@ def load_reward_model(path):
     return model.eval()
 
 
+def load_base(path):
+    """A base as a trainer loads it (a causal LM base gets a new score head, which the adapter saves)."""
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(path).eval()
+
+
 def make_adapter(base: Path, out: Path, *, seed: int, scale: float = 0.05, **options) -> Path:
     """A LoRA adapter of `base` with the score head saved, its factors and head set to seeded random values."""
     from peft import LoraConfig, get_peft_model
 
     options.setdefault("target_modules", list(LLAMA_TARGETS))
     config = LoraConfig(task_type="SEQ_CLS", base_model_name_or_path=str(base), **options)
-    model = get_peft_model(load_reward_model(base), config)
+    model = get_peft_model(load_base(base), config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, param in model.named_parameters():
@@ -46,7 +53,7 @@ def adapted_state(base: Path, adapter: Path) -> dict[str, torch.Tensor]:
     """PEFT's own answer: the adapter merged into its base."""
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(load_reward_model(base), adapter).merge_and_unload()
+    model = PeftModel.from_pretrained(load_base(base), adapter).merge_and_unload()
     return {k: v.detach().to(torch.float64) for k, v in model.state_dict().items()}
 
 
