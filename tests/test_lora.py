@@ -277,3 +277,22 @@ def test_low_rank_rows_match_the_whole_product():
                 rows.add_to(acc, tensor, start)
                 torch.testing.assert_close(acc, want[start : start + count])
         source.close()
+
+
+def test_inspect_shows_adapters_and_the_distances_of_the_adapted_models(base, adapters, tmp_path, run_cli):
+    from warm_hub.inspect import inspect_ingredients
+
+    report = inspect_ingredients(adapters, distances=True)
+    assert report.mergeable
+    assert [i.adapter.ranks for i in report.ingredients] == [[4], [2]]
+    assert report.ingredients[1].adapter.targets == ["down_proj", "k_proj", "q_proj"]
+    assert report.ingredients[0].adapter.saved_modules == ["score"]
+    a, b = (adapted_state(base, p) for p in adapters)
+    want = sum(float((a[k] - b[k]).square().sum()) for k in a) ** 0.5
+    assert report.distances[0][1] == pytest.approx(want, rel=1e-6)
+    assert report.distance_to_mean == pytest.approx([want / 2, want / 2], rel=1e-6)
+    code, out, _ = run_cli("inspect", *adapters, "--distances")
+    assert code == 0 and "LoRA adapters:" in out and "q_proj,v_proj" in out and "adapted models" in out
+    other = make_adapter(save_checkpoint(tiny_model("llama", seed=5), tmp_path / "b2"), tmp_path / "o", seed=3)
+    code, out, _ = run_cli("inspect", adapters[0], other)
+    assert code == 1 and "different base models" in out

@@ -484,7 +484,7 @@ def prepare_adapted_merge(
     ingredients: list[Ingredient] = [read_adapter(s) if is_adapter_source(s) else read_checkpoint(s) for s in opened]
     adapters = [i for i in ingredients if isinstance(i, Adapter)]
     if not adapters:
-        raise InvalidOptionError("--as-adapter needs LoRA adapter ingredients")
+        raise InvalidOptionError("--base and --as-adapter apply to LoRA adapter sources, and none of these is one")
     if as_adapter and len(adapters) < len(ingredients):
         full = ", ".join(i.label for i in ingredients if isinstance(i, Checkpoint))
         raise InvalidOptionError(
@@ -522,3 +522,59 @@ def prepare_adapted_merge(
         base_reference=adapters[0].base or reference,
         config=config,
     )
+
+
+def adapted_distances(adapters: Sequence[Adapter], base: Checkpoint | None) -> list[list[float]]:
+    """Pairwise L2 distances between the adapted models, over every tensor an adapter changes.
+
+    Low-rank parts need no product: <s_i B_i A_i, s_j B_j A_j> = s_i s_j trace((B_i^T B_j)(A_j A_i^T)).
+    Saved modules are compared whole, one tensor at a time; the base is read only for a saved module that some
+    adapter does not save.
+
+    Args:
+        adapters: the adapters, all of one base.
+        base: the base checkpoint, or None when every adapter saves the same modules.
+
+    Returns:
+        An M x M matrix of distances.
+
+    Raises:
+        IncompatibleCheckpointsError: the base is needed (adapters save different modules) but not given.
+    """
+    import torch
+
+    n = len(adapters)
+    squared = torch.zeros(n, n, dtype=torch.float64)
+    saved = {name for a in adapters for name in a.saved}
+    for name in sorted({m for a in adapters for m in a.modules} - saved, key=natural_key):
+        factors = []
+        for a in adapters:
+            module = a.modules.get(name)
+            if module is not None:
+                factors.append((_load(a.source, module.a).double(), _load(a.source, module.b).double() * module.scale))
+            else:
+                factors.append(None)
+        gram = torch.zeros(n, n, dtype=torch.float64)
+        for i, fi in enumerate(factors):
+            for j, fj in enumerate(factors[: i + 1]):
+                if fi is not None and fj is not None:
+                    gram[i, j] = gram[j, i] = torch.trace((fi[1].T @ fj[1]) @ (fj[0] @ fi[0].T))
+        diag = gram.diagonal()
+        squared += diag[:, None] + diag[None, :] - 2 * gram
+    for name in sorted(saved, key=natural_key):
+        values = []
+        for a in adapters:
+            if name in a.saved:
+                values.append(_load(a.source, a.saved[name]).double())
+                continue
+            if base is None or name not in base.tensors:
+                raise IncompatibleCheckpointsError(f"{a.label} does not save {name!r}: its base is needed to compare")
+            value = _load(base.source, base.tensors[name]).double()
+            module = a.modules.get(name)
+            if module is not None:
+                delta = module.scale * (_load(a.source, module.b).double() @ _load(a.source, module.a).double())
+                value = value + (delta.T if module.fan_in_fan_out else delta)
+            values.append(value)
+        flat = torch.stack([v.reshape(-1) for v in values])
+        squared += torch.cdist(flat, flat).square()
+    return squared.clamp_min(0).sqrt().tolist()
