@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -296,3 +297,34 @@ def test_inspect_shows_adapters_and_the_distances_of_the_adapted_models(base, ad
     other = make_adapter(save_checkpoint(tiny_model("llama", seed=5), tmp_path / "b2"), tmp_path / "o", seed=3)
     code, out, _ = run_cli("inspect", adapters[0], other)
     assert code == 1 and "different base models" in out
+
+
+def test_finetune_lora_members_merge_into_a_loadable_reward_model(tmp_path, run_cli):
+    from warm_hub.testing.preference_data import review_pairs, review_tokenizer, tiny_base, write_pairs
+
+    tokenizer = review_tokenizer()
+    base = tiny_base(tmp_path / "gpt2", tokenizer=tokenizer)
+    data = write_pairs(review_pairs(16, seed=1), tmp_path / "train.jsonl")
+    code, out, err = run_cli(
+        "finetune", "--base", base, "--data", data, "--members", "2", "--out", tmp_path / "run", "--lora", "2",
+        "--learning-rate", "1e-2", "--max-steps", "2", "--probe-steps", "1", "--batch-size", "8",
+    )
+    assert code == 0, err
+    members = sorted((tmp_path / "run").glob("member-*"))
+    assert [sorted(p.name for p in m.glob("adapter_*")) for m in members] == [
+        ["adapter_config.json", "adapter_model.safetensors"]
+    ] * 2
+    assert not list(members[0].glob("model*.safetensors"))
+    config = json.loads((members[0] / "adapter_config.json").read_text())
+    assert config["r"] == 2 and "score" in config["modules_to_save"]
+    assert config["base_model_name_or_path"].endswith("shared-init")
+    code, _, err = run_cli("merge", *members, "--out", tmp_path / "warm", "--device", "cpu")
+    assert code == 0, err
+    merged = load_reward_model(tmp_path / "warm")
+    from warm_hub import RewardModel
+
+    scores = RewardModel.from_pretrained(tmp_path / "warm").score(["a movie"] * 2, ["great fun", "dull and bad"])
+    assert len(scores) == 2 and all(math.isfinite(s) for s in scores)
+    # The members moved away from their shared init, and the merge is their average, not the init.
+    init = load_reward_model(tmp_path / "run" / "shared-init")
+    assert not torch.equal(merged.score.weight, init.score.weight)
