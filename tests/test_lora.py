@@ -328,3 +328,44 @@ def test_finetune_lora_members_merge_into_a_loadable_reward_model(tmp_path, run_
     # The members moved away from their shared init, and the merge is their average, not the init.
     init = load_reward_model(tmp_path / "run" / "shared-init")
     assert not torch.equal(merged.score.weight, init.score.weight)
+
+
+def test_adapter_output_pushes_and_base_without_adapters_is_refused(hub_server, base, adapters, tmp_path, run_cli):
+
+    token = "hf_loraTESTtoken_abcdefghijklmnopqr"
+    hub_server.add_token(token, user="alice")
+    result = warm_hub.merge(adapters, tmp_path / "adapter", as_adapter=True, push_to="alice/warm-lora", token=token)
+    assert result.url
+    pushed = hub_server.files("alice/warm-lora")
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "warm_recipe.yaml"} <= set(pushed)
+    code, _, err = run_cli("merge", base, base, "--base", base, "--out", tmp_path / "x")
+    assert code == 1 and "none of these is one" in err
+
+
+def test_interrupted_adapted_merge_resumes_to_the_same_bytes(adapters, tmp_path, monkeypatch):
+    monkeypatch.setattr(engine, "CHUNK_ALIGNMENT", 8)
+    monkeypatch.setattr(engine, "MIN_CHUNK_ELEMENTS", 8)
+
+    class Interrupt(Exception):
+        pass
+
+    class StopAfterTen:  # a progress bar that interrupts the merge after ten chunks
+        def __init__(self, **kwargs):
+            self.calls = 0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+        def update(self, n):
+            self.calls += 1
+            if self.calls == 10:
+                raise Interrupt
+
+    fresh = warm_hub.merge(adapters, tmp_path / "fresh", device="cpu", max_memory=7000).shards
+    with pytest.raises(Interrupt):
+        warm_hub.merge(adapters, tmp_path / "warm", device="cpu", max_memory=7000, tqdm_class=StopAfterTen)
+    result = warm_hub.merge(adapters, tmp_path / "warm", device="cpu", max_memory=7000, resume=True)
+    assert result.resumed_chunks >= 9 and result.shards == fresh
