@@ -248,28 +248,23 @@ def test_a_delta_that_does_not_fit_the_base_is_refused(adapters, tmp_path):
         warm_hub.merge(adapters, tmp_path / "warm", base=str(gpt2))
 
 
-def test_low_rank_rows_match_the_whole_product():
+def test_low_rank_rows_match_the_whole_product(tmp_path):
+    """Rows of B @ A (and of (B @ A).T) computed piece by piece, from byte ranges of a real file."""
+    from safetensors.torch import save_file
+
+    from warm_hub.checkpoint import read_checkpoint
     from warm_hub.lora_merge import LowRankRows
     from warm_hub.plan import LowRankDelta
-    from warm_hub.safetensors_io import TensorInfo
     from warm_hub.sources import LocalSource
-
-    # Rows of B @ A (and of (B @ A).T) computed piece by piece, from byte ranges of a real file.
-    import tempfile
-
-    from safetensors.torch import save_file
 
     generator = torch.Generator().manual_seed(0)
     a, b = torch.randn(3, 7, generator=generator), torch.randn(5, 3, generator=generator)
-    with tempfile.TemporaryDirectory() as folder:
-        save_file({"a": a, "b": b}, f"{folder}/f.safetensors")
-        source = LocalSource(f"{folder}/f.safetensors")
-        from warm_hub.checkpoint import read_checkpoint
-
-        infos: dict[str, TensorInfo] = read_checkpoint(source).tensors
+    save_file({"a": a, "b": b}, tmp_path / "f.safetensors")
+    with LocalSource(tmp_path / "f.safetensors") as source:
+        infos = read_checkpoint(source).tensors
         for transposed, shape in ((False, (5, 7)), (True, (7, 5))):
             delta = LowRankDelta(0, infos["a"], infos["b"], 0.5, fan_in_fan_out=transposed)
-            tensor = type("T", (), {"name": str(transposed), "shape": shape, "deltas": (delta,)})()
+            tensor = type("Tensor", (), {"name": str(transposed), "shape": shape, "deltas": (delta,)})()
             want = 0.5 * (b @ a)
             want = (want.T if transposed else want).reshape(-1)
             rows = LowRankRows([source], chunk=64)
@@ -277,7 +272,6 @@ def test_low_rank_rows_match_the_whole_product():
                 acc = torch.zeros(count)
                 rows.add_to(acc, tensor, start)
                 torch.testing.assert_close(acc, want[start : start + count])
-        source.close()
 
 
 def test_inspect_shows_adapters_and_the_distances_of_the_adapted_models(base, adapters, tmp_path, run_cli):
