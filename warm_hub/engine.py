@@ -46,8 +46,8 @@ MIN_CHUNK_ELEMENTS = 4096
 MIN_PARALLEL_ELEMENTS = 1 << 20
 CHUNK_ALIGNMENT = 1024  # elements; keeps every chunk's start 16-byte aligned for vector loads
 DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
-# Adapted merges: bytes per element of the fp32 (fp64) accumulator and the low-rank rows added to it.
-LOW_RANK_SCRATCH_BYTES = 12
+# Adapted merges: bytes per element of the accumulator and the low-rank rows added to it (fp64 at most).
+LOW_RANK_SCRATCH_BYTES = 16
 _END = object()
 
 
@@ -474,6 +474,8 @@ class MergeEngine:
         culprits = [label for label, x in zip(labels, inputs, strict=True) if not torch.isfinite(x).all()]
         if culprits:
             problem = f"tensor {tensor.name!r} holds NaN or Inf values in {', '.join(culprits)}"
+        elif tensor.deltas:
+            problem = f"tensor {tensor.name!r} with LoRA deltas is NaN/Inf or overflows {torch_dtype(tensor.dtype)}"
         else:
             problem = f"the average of tensor {tensor.name!r} overflows {torch_dtype(tensor.dtype)}"
         if not self.allow_non_finite:
