@@ -322,6 +322,11 @@ def test_finetune_lora_members_merge_into_a_loadable_reward_model(tmp_path, run_
     # The members moved away from their shared init, and the merge is their average, not the init.
     init = load_reward_model(tmp_path / "run" / "shared-init")
     assert not torch.equal(merged.score.weight, init.score.weight)
+    # A member alone, as transformers loads an adapter folder (evaluate does), scores as its one-member merge.
+    warm_hub.merge(members[:1], tmp_path / "one", device="cpu")
+    pairs = (["a movie", "a film"], ["great fun", "dull and bad"])
+    alone = RewardModel.from_pretrained(members[0]).score(*pairs)
+    assert alone == pytest.approx(RewardModel.from_pretrained(tmp_path / "one").score(*pairs), abs=1e-5)
 
 
 def test_adapter_output_pushes_and_base_without_adapters_is_refused(hub_server, base, adapters, tmp_path, run_cli):
