@@ -410,27 +410,6 @@ def test_out_that_links_to_a_folder_is_written_through(tmp_path, run_cli, member
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "member-0", "member-1", "target"]
 
 
-def test_lora_adapters_are_refused(tmp_path, run_cli, members):
-    adapter = tmp_path / "adapter"
-    adapter.mkdir()
-    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
-    save_file({"base_model.model.score.lora_A.weight": torch.zeros(4, 32)}, adapter / "adapter_model.safetensors")
-    line = check_failure(run_cli, tmp_path / "out", [adapter, adapter], "adapter")
-    assert "not" in line and "yet" in line
-    code, _, stderr = run_cli("inspect", members[0], adapter)
-    assert code == 1 and "adapter" in stderr and len(stderr.strip().splitlines()) == 1
-
-
-@pytest.mark.parametrize(
-    ("option", "message"),
-    [
-        (["--weights", "1e309,1"], "finite"),
-        (["--max-memory", "9" * 40 + "TB"], "too large"),
-        (["--shard-size", "1" + "0" * 30 + "GB"], "too large"),
-        (["--max-memory", "1e400"], "not a size"),
-        (["--shard-size", "٥GB"], "not a size"),  # a non-ASCII digit is not a size either
-    ],
-)
 def test_overflowing_options_are_one_line(tmp_path, run_cli, members, option, message):
     check_failure(run_cli, tmp_path / "out", [*members, *option], message)
 

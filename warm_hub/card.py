@@ -231,6 +231,10 @@ def reproduce_command(recipe: WarmRecipe, *, out: str) -> str:
         parts += ["--weights", ",".join(f"{w:.6g}" for w in weights)]
     if recipe.dtype != "auto":
         parts += ["--dtype", recipe.dtype]
+    if recipe.base is not None:
+        parts += ["--base", f"./{recipe.base.source}" if recipe.base.local else recipe.base.source]
+        if recipe.output == "adapter":
+            parts.append("--as-adapter")
     parts += ["--out", out]
     return " ".join(shlex.quote(p) for p in parts)
 
@@ -320,6 +324,10 @@ def card_metadata(
         "tags": list(TAGS),
         "model-index": [{"name": model_name, "results": index}] if index else None,
     }
+    if recipe.output == "adapter" and recipe.base is not None:  # a PEFT adapter: it needs its base to load
+        data["base_model"] = None if recipe.base.local else [recipe.base.source]
+        data["base_model_relation"] = "adapter"
+        data["library_name"] = "peft"
     return {key: value for key, value in data.items() if value is not None}
 
 
@@ -371,6 +379,8 @@ def render_card(
         eval_splits=list(eval_results.splits) if eval_results else [],
         eval_dataset=(eval_results.dataset_name if eval_results else None),
         eval_plot=eval_plot,
+        base=recipe.base,
+        adapter_output=recipe.output == "adapter",
     )
     return text.rstrip("\n") + "\n"
 

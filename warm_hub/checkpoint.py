@@ -44,7 +44,7 @@ class Checkpoint:
 
 
 def refuse_adapter(source: IngredientSource) -> None:
-    """Refuse a PEFT (LoRA) adapter folder: averaging its A and B matrices is not averaging the adapted models.
+    """Refuse a PEFT (LoRA) adapter where a full checkpoint is read: its A and B matrices are not model weights.
 
     Raises:
         AdapterNotSupportedError: the source holds `adapter_config.json` or `adapter_model.*`.
@@ -52,9 +52,8 @@ def refuse_adapter(source: IngredientSource) -> None:
     found = [f for f in source.list_files() if f in ADAPTER_FILES]
     if found:
         raise AdapterNotSupportedError(
-            f"{source.label} is a PEFT/LoRA adapter ({found[0]}): warm-hub does not merge adapters yet (averaging"
-            " A and B separately is not the average of the adapted models); merge the full models instead, e.g."
-            " after PEFT's merge_and_unload()"
+            f"{source.label} is a PEFT/LoRA adapter ({found[0]}), where a full checkpoint is needed: `warm-hub merge`"
+            " takes adapters (it averages the adapted models, base from the adapter config or --base)"
         )
 
 

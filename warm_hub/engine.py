@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from huggingface_hub.utils import logging
 
-from .averaging import weighted_average_into
+from .averaging import accumulator_dtype, weighted_average_into
 from .errors import (
     DiskFullError,
     IncompatibleCheckpointsError,
@@ -46,6 +46,8 @@ MIN_CHUNK_ELEMENTS = 4096
 MIN_PARALLEL_ELEMENTS = 1 << 20
 CHUNK_ALIGNMENT = 1024  # elements; keeps every chunk's start 16-byte aligned for vector loads
 DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+# Adapted merges: bytes per element of the accumulator and the low-rank rows added to it (fp64 at most).
+LOW_RANK_SCRATCH_BYTES = 16
 _END = object()
 
 
@@ -70,6 +72,8 @@ def chunk_elements(plan: MergePlan, max_memory: int, *, mapped_cpu: bool = False
     per_element = sum(widest_inputs(plan)) + widest_output(plan)
     # The writer needs one more output-sized buffer to re-read finished chunks on --resume.
     per_element = per_element * PIPELINE_DEPTH + widest_output(plan)
+    if any(t.deltas for t in plan.tensors):
+        per_element += LOW_RANK_SCRATCH_BYTES
     cap = MAX_CHUNK_ELEMENTS
     if mapped_cpu:  # one cache-sized part per averaging thread
         cap = min(cap, MAX_MAPPED_CPU_CHUNK_ELEMENTS * averaging_threads())
@@ -148,8 +152,12 @@ def averaging_threads() -> int:
 
 
 def widest_inputs(plan: MergePlan) -> list[int]:
-    """Bytes per element of the widest dtype of each ingredient."""
-    return [max(itemsize(t.inputs[i].dtype) for t in plan.tensors) for i in range(len(plan.labels))]
+    """Bytes per element of the widest dtype read from each source (0 for one read only for low-rank factors)."""
+    widest = [0] * len(plan.labels)
+    for t in plan.tensors:
+        for s, info in zip(t.source_indices, t.inputs, strict=True):
+            widest[s] = max(widest[s], itemsize(info.dtype))
+    return widest
 
 
 def widest_output(plan: MergePlan) -> int:
@@ -283,6 +291,7 @@ class MergeEngine:
         self._stop = threading.Event()
         self._errors: list[BaseException] = []
         self._warned: set[str] = set()
+        self._low_rank = None  # computes low-rank delta rows (adapted merges only)
 
     def run(self) -> dict[str, str]:
         """Write every shard; return the content hash of each shard file (`xxh3_128:<hex>`, see `recipe`)."""
@@ -329,8 +338,11 @@ class MergeEngine:
         return digests
 
     def _mappable(self, index: int) -> bool:
-        info = self.plan.tensors[0].inputs[index]
-        return self.sources[index].map_view(info.file, info.start, min(info.nbytes, 1)) is not None
+        for tensor in self.plan.tensors:
+            for s, info in zip(tensor.source_indices, tensor.inputs, strict=True):
+                if s == index:
+                    return self.sources[index].map_view(info.file, info.start, min(info.nbytes, 1)) is not None
+        return False
 
     def _guard(self, target: Callable[..., None], *args: object) -> None:
         try:
@@ -358,11 +370,10 @@ class MergeEngine:
                 slot = self._take(slots)
                 if slot is _END:
                     return
-                inputs: list[torch.Tensor | None] = [None] * len(self.sources)
+                inputs: list[torch.Tensor | None] = [None] * len(item.tensor.inputs)
                 copies = []
-                for i, (source, info, buffer) in enumerate(
-                    zip(self.sources, item.tensor.inputs, slot.inputs, strict=True)
-                ):
+                for i, (s, info) in enumerate(zip(item.tensor.source_indices, item.tensor.inputs, strict=True)):
+                    source, buffer = self.sources[s], slot.inputs[s]
                     size = itemsize(info.dtype)
                     offset, nbytes = info.start + item.start * size, item.count * size
                     if buffer is None:
@@ -408,7 +419,7 @@ class MergeEngine:
         Each release costs a system call and a TLB shootdown on the other cores; batching them up to what the
         budget reserved for that ingredient's (unused) read buffers keeps memory within `--max-memory`.
         """
-        for i, info in enumerate(item.tensor.inputs):
+        for i, info in zip(item.tensor.source_indices, item.tensor.inputs, strict=True):
             size = itemsize(info.dtype)
             start, length = info.start + item.start * size, item.count * size
             pending = self._pending[i]
@@ -429,14 +440,20 @@ class MergeEngine:
         tensor = item.tensor
         inputs = [x.view(torch_dtype(info.dtype)) for x, info in zip(raw, tensor.inputs, strict=True)]
         out = _view(slot.output, tensor.dtype, item.count)
+        labels = [self.plan.labels[s] for s in tensor.source_indices]
         if not tensor.average:
-            for label, other in zip(self.plan.labels[1:], raw[1:], strict=True):
+            for label, other in zip(labels[1:], raw[1:], strict=True):
                 if not torch.equal(other, raw[0]):
                     raise IncompatibleCheckpointsError(
-                        f"cannot merge: non-float tensor {tensor.name!r} differs between {self.plan.labels[0]}"
+                        f"cannot merge: non-float tensor {tensor.name!r} differs between {labels[0]}"
                         f" and {label} (it is copied, not averaged, so all ingredients must agree)"
                     )
             out.copy_(inputs[0])
+            return
+        weights = self.weights if tensor.weights is None else list(tensor.weights)
+        if tensor.sources is not None:  # an adapted merge: per-tensor sources and low-rank terms, on the CPU
+            if not self._adapted(item, out, inputs, weights):
+                self._non_finite(tensor, inputs)
             return
         if self._cuda is not None:
             # Asynchronous: the writer waits for the event, then checks the finiteness flag.
@@ -451,35 +468,53 @@ class MergeEngine:
                 out_dtype=tensor.dtype,
             )
             return
-        if not self._average_parts(out, inputs):
+        if not self._average_parts(out, inputs, weights):
             self._non_finite(tensor, inputs)
 
-    def _average_parts(self, out: torch.Tensor, inputs: list[torch.Tensor]) -> bool:
+    def _average_parts(self, out: torch.Tensor, inputs: list[torch.Tensor], weights: list[float]) -> bool:
         """`weighted_average_into`, split into contiguous parts across the averaging threads."""
         count = out.numel()
         parts = min(self._parts, count // MIN_PARALLEL_ELEMENTS)
         if parts <= 1:
-            return weighted_average_into(out, inputs, self.weights)
+            return weighted_average_into(out, inputs, weights)
         step = -(-count // parts // CHUNK_ALIGNMENT) * CHUNK_ALIGNMENT
         futures = []
         for start in range(step, count, step):
             part = slice(start, start + step)
-            futures.append(
-                self._averagers.submit(weighted_average_into, out[part], [x[part] for x in inputs], self.weights)
-            )
-        finite = weighted_average_into(out[:step], [x[:step] for x in inputs], self.weights)
+            parts_in = [x[part] for x in inputs]
+            futures.append(self._averagers.submit(weighted_average_into, out[part], parts_in, weights))
+        finite = weighted_average_into(out[:step], [x[:step] for x in inputs], weights)
         return all([future.result() for future in futures]) and finite
+
+    def _adapted(self, item: WorkItem, out: torch.Tensor, inputs: list[torch.Tensor], weights: list[float]) -> bool:
+        """Average into an fp32 accumulator, add the chunk's rows of the low-rank deltas, then round once."""
+        if not item.tensor.deltas:
+            return self._average_parts(out, inputs, weights)
+        if self._low_rank is None:
+            from .lora_merge import LowRankRows
+
+            self._low_rank = LowRankRows(self.sources, self.chunk)
+        acc = self._low_rank.accumulator(item.count, accumulator_dtype(*(x.dtype for x in inputs)))
+        finite = self._average_parts(acc, inputs, weights)
+        self._low_rank.add_to(acc, item.tensor, item.start)
+        # A copy through the averaging kernel: the one rounding to the output dtype, with its overflow check.
+        return weighted_average_into(out, [acc], [1.0]) and finite
 
     def _host_inputs(self, item: WorkItem, slot: _Slot) -> list[torch.Tensor]:
         """The typed inputs of a chunk still held in a slot's host buffers (to say which one is at fault)."""
+        tensor = item.tensor
         return [
-            _view(buffer, info.dtype, item.count) for buffer, info in zip(slot.inputs, item.tensor.inputs, strict=True)
+            _view(slot.inputs[s], info.dtype, item.count)
+            for s, info in zip(tensor.source_indices, tensor.inputs, strict=True)
         ]
 
     def _non_finite(self, tensor: OutputTensor, inputs: list[torch.Tensor]) -> None:
-        culprits = [label for label, x in zip(self.plan.labels, inputs, strict=True) if not torch.isfinite(x).all()]
+        labels = [self.plan.labels[s] for s in tensor.source_indices]
+        culprits = [label for label, x in zip(labels, inputs, strict=True) if not torch.isfinite(x).all()]
         if culprits:
             problem = f"tensor {tensor.name!r} holds NaN or Inf values in {', '.join(culprits)}"
+        elif tensor.deltas:
+            problem = f"tensor {tensor.name!r} with LoRA deltas is NaN/Inf or overflows {torch_dtype(tensor.dtype)}"
         else:
             problem = f"the average of tensor {tensor.name!r} overflows {torch_dtype(tensor.dtype)}"
         if not self.allow_non_finite:

@@ -61,3 +61,7 @@ class InvalidOptionError(WarmHubError, ValueError):
 
 class IncompleteOutputError(WarmHubError, ValueError):
     """A folder is not a complete warm-hub merge output (for example when pushing it)."""
+
+
+class UnsupportedAdapterError(WarmHubError, ValueError):
+    """A PEFT adapter of a kind warm-hub cannot merge (not LoRA, DoRA, embedding or convolution targets, ...)."""

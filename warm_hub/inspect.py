@@ -12,9 +12,11 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .checkpoint import Checkpoint, read_checkpoint
+from .adapters import ADAPTER_WEIGHTS, is_adapter_source, read_adapter
+from .checkpoint import Checkpoint, read_checkpoint, read_header
 from .compatibility import check_compatibility, parse_allowed_mismatches
 from .configs import load_config
+from .errors import IncompatibleCheckpointsError, InvalidOptionError, SourceNotFoundError
 from .plan import find_incompatibilities
 from .safetensors_io import is_floating, itemsize, torch_dtype
 from .sources import IngredientSource, open_sources
@@ -32,6 +34,18 @@ class IngredientSummary:
     dtypes: dict[str, int]
     architectures: list[str] | None
     shards: int
+    adapter: AdapterSummary | None = None
+
+
+@dataclass
+class AdapterSummary:
+    """A LoRA adapter ingredient: its base, ranks, target modules and saved modules."""
+
+    base: str | None
+    ranks: list[int]
+    targets: list[str]
+    modules: int
+    saved_modules: list[str]
 
 
 @dataclass
@@ -43,9 +57,11 @@ class InspectReport:
         problems: reasons `merge` would refuse the sources (empty when it would merge them).
         allowed: model-defining differences `merge` would accept with the same `allow_config_mismatch`.
         config_differences: diversity config keys that differ (key -> value per ingredient).
-        distances: when asked, pairwise L2 distances between the ingredients' floating weights.
+        distances: when asked, pairwise L2 distances between the ingredients' floating weights (between the
+            adapted models when the ingredients are LoRA adapters).
         distance_to_mean: when asked, each ingredient's L2 distance to the uniform average.
-        mean_norm: when asked, the L2 norm of the uniform average (to read distances relative to it).
+        mean_norm: when asked, the L2 norm of the uniform average (to read distances relative to it); None for
+            adapters, whose distances need no pass over the base.
     """
 
     ingredients: list[IngredientSummary]
@@ -81,6 +97,7 @@ def inspect_ingredients(
     allow_config_mismatch: str | list[str] | None = None,
     token: str | bool | None = None,
     tqdm_class=None,
+    base: str | None = None,
 ) -> InspectReport:
     """Check whether `sources` can be merged and, with `distances`, measure how far apart their weights are.
 
@@ -90,6 +107,7 @@ def inspect_ingredients(
         allow_config_mismatch: as for `merge`: the verdict is the one `merge` would give with it.
         token: Hub token for Hub sources.
         tqdm_class: progress bar class for the distance pass.
+        base: the base of LoRA adapter sources (default: the one their configs name).
 
     Returns:
         An `InspectReport`; `report.mergeable` says whether a merge would be accepted.
@@ -99,6 +117,8 @@ def inspect_ingredients(
     """
     with contextlib.ExitStack() as stack:
         opened = open_sources(sources, stack, token=token)
+        if any(is_adapter_source(s) for s in opened):
+            return _inspect_adapted(opened, stack, base=base, distances=distances, token=token)
         checkpoints = [read_checkpoint(s) for s in opened]
         configs = [load_config(s) for s in opened]
         verdict = check_compatibility(
@@ -112,6 +132,44 @@ def inspect_ingredients(
         )
         if distances and not find_incompatibilities(checkpoints):
             _measure_distances(report, checkpoints, tqdm_class)
+    return report
+
+
+def _inspect_adapted(opened, stack, *, base: str | None, distances: bool, token) -> InspectReport:
+    """Adapters (and full checkpoints of their base): summaries, whether they merge, distances of their deltas."""
+    from .lora_merge import adapted_distances, prepare_adapted_merge
+
+    summaries = []
+    for source in opened:
+        if is_adapter_source(source):
+            adapter = read_adapter(source)
+            header = read_header(source, ADAPTER_WEIGHTS)
+            summary = summarize(Checkpoint(source, [header], {t.name: t for t in header.tensors}), None)
+            summary.adapter = AdapterSummary(
+                base=adapter.base,
+                ranks=adapter.ranks,
+                targets=adapter.targets,
+                modules=len(adapter.modules),
+                saved_modules=sorted({name.rsplit(".", 1)[0] for name in adapter.saved}),
+            )
+            summaries.append(summary)
+        else:
+            summaries.append(summarize(read_checkpoint(source), load_config(source)))
+    report = InspectReport(ingredients=summaries, problems=[])
+    try:
+        adapted = prepare_adapted_merge(opened, stack, base=base, token=token)
+    except (IncompatibleCheckpointsError, InvalidOptionError, SourceNotFoundError) as exc:
+        report.problems.append(str(exc).removeprefix("cannot merge: "))
+        return report
+    if distances and len(adapted.adapters) == len(adapted.ingredients):
+        import torch
+
+        pairwise = torch.tensor(adapted_distances(adapted.adapters, adapted.base), dtype=torch.float64)
+        squared, n = pairwise.square(), len(pairwise)
+        # |x_i - mean|^2 from pairwise distances alone: mean_j d_ij^2 - (1 / 2n^2) sum_jk d_jk^2.
+        to_mean = squared.mean(dim=1) - squared.sum() / (2 * n * n)
+        report.distances = pairwise.tolist()
+        report.distance_to_mean = to_mean.clamp_min(0).sqrt().tolist()
     return report
 
 

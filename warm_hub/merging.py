@@ -21,7 +21,7 @@ from huggingface_hub.utils import logging
 
 from . import __version__
 from .checkpoint import EXPLICIT_WEIGHTS_KEY, read_checkpoint
-from .compatibility import check_compatibility, parse_allowed_mismatches, refusal_message
+from .compatibility import Compatibility, check_compatibility, parse_allowed_mismatches, refusal_message
 from .configs import CONFIG_NAME, load_config
 from .engine import DISK_FULL_ERRNOS, MergeEngine, ShardWriter, check_open_files, chunk_elements, disk_full
 from .errors import (
@@ -37,7 +37,7 @@ from .errors import (
 from .journal import JOURNAL_NAME, ResumeJournal
 from .output_lock import output_lock
 from .plan import DEFAULT_SHARD_SIZE, MergePlan, plan_merge
-from .recipe import Ingredient, WarmRecipe
+from .recipe import AdapterBase, Ingredient, WarmRecipe
 from .sizes import parse_size
 from .sources import SAFE_INDEX, TOKENIZER_FILES, IngredientSource, LocalSource, open_sources
 
@@ -167,6 +167,8 @@ def merge(
     private: bool | None = None,
     token: str | bool | None = None,
     tqdm_class=None,
+    base: str | None = None,
+    as_adapter: bool = False,
 ) -> MergeResult:
     """Average reward-model checkpoints into one WARM checkpoint, streaming with bounded memory.
 
@@ -190,6 +192,11 @@ def merge(
         private: create the pushed repo as private.
         token: Hub token (defaults to `HF_TOKEN` or the login cache).
         tqdm_class: progress bar class (huggingface_hub's `tqdm` by default).
+        base: the base model of LoRA adapter ingredients (default: the `base_model_name_or_path` they name).
+        as_adapter: write one PEFT adapter of the average instead of a full checkpoint (adapter ingredients only).
+
+    Sources may be PEFT LoRA adapters (`adapter_config.json` + `adapter_model.safetensors`), alone or with full
+    checkpoints of their base: the output is the weighted average of the adapted models.
 
     Returns:
         A `MergeResult`.
@@ -220,21 +227,34 @@ def merge(
         check_not_over_inputs(out, opened)
         locked.enter_context(output_lock(out))
         check_output(out, overwrite=overwrite)  # under the lock: no other merge can be publishing it
-        checkpoints = [read_checkpoint(s) for s in opened]
-        configs = [load_config(s) for s in opened]
-        verdict = check_compatibility(checkpoints, configs, allow_mismatch=allowed_keys)
-        if verdict.problems:
-            raise IncompatibleCheckpointsError(refusal_message(verdict.problems))
-        for line in verdict.allowed:
-            logger.warning("merging ingredients that differ, as --allow-config-mismatch asks: %s", line)
-        plan = plan_merge(checkpoints, weights=weights, dtype=dtype, shard_size=shard_bytes)
-        check_open_files(plan, opened)
-        fingerprint = plan.fingerprint([s.identity() for s in opened])
+        adapted = _plan_adapted(opened, stack, base, weights, dtype, shard_bytes, token, as_adapter)
+        if adapted is not None:
+            plan, read_from, configs = adapted.plan, adapted.sources, [adapted.config]
+            side_sources = [adapted.side_source]
+            verdict = Compatibility(problems=[])
+            if as_adapter:
+                ingredients = [
+                    Ingredient(source=s.label, weight=w, revision=s.revision, local=s.is_local)
+                    for s, w in zip(opened, plan.weights, strict=True)
+                ]
+                return _write_adapter_output(adapted, ingredients, out, started, push_to, private, token)
+        else:
+            checkpoints = [read_checkpoint(s) for s in opened]
+            configs = [load_config(s) for s in opened]
+            verdict = check_compatibility(checkpoints, configs, allow_mismatch=allowed_keys)
+            if verdict.problems:
+                raise IncompatibleCheckpointsError(refusal_message(verdict.problems))
+            for line in verdict.allowed:
+                logger.warning("merging ingredients that differ, as --allow-config-mismatch asks: %s", line)
+            plan = plan_merge(checkpoints, weights=weights, dtype=dtype, shard_size=shard_bytes)
+            read_from, side_sources = opened, opened
+        check_open_files(plan, read_from)
+        fingerprint = plan.fingerprint([s.identity() for s in read_from])
         partial = partial_folder(out)
         journal = ResumeJournal.load(partial, fingerprint=fingerprint) if resume else None
         try:
             if journal is None:
-                mapped_cpu = torch_device.type == "cpu" and all(s.is_local for s in opened)
+                mapped_cpu = torch_device.type == "cpu" and all(s.is_local for s in read_from)
                 chunk = chunk_elements(plan, memory, mapped_cpu=mapped_cpu)
                 if partial.exists():
                     shutil.rmtree(partial)
@@ -249,15 +269,18 @@ def merge(
                 Ingredient(source=s.label, weight=w, revision=s.revision, local=s.is_local)
                 for s, w in zip(opened, plan.weights, strict=True)
             ]
-            prepared = side.submit(_prepare_side_files, plan, opened, configs, ingredients, partial, token=token)
+            prepared = side.submit(
+                _prepare_side_files, plan, side_sources, configs, ingredients, partial, token=token
+            )
             try:
-                digests = _run_engine(plan, opened, partial, journal, torch_device, allow_non_finite, tqdm_class)
+                digests = _run_engine(plan, read_from, partial, journal, torch_device, allow_non_finite, tqdm_class)
             finally:
                 wait([prepared])
             journal.close()
             try:
                 found = prepared.result()
-                _finish_side_files(plan, ingredients, partial, digests, found, token=token)
+                used = adapted and AdapterBase.of(adapted.base.source, reference=adapted.base_reference)
+                _finish_side_files(plan, ingredients, partial, digests, found, token=token, base=used)
             except OSError as exc:
                 if exc.errno in DISK_FULL_ERRNOS:
                     raise disk_full(exc, partial) from None
@@ -322,6 +345,65 @@ def _run_engine(plan, sources, partial, journal, device, allow_non_finite, tqdm_
         return engine.run()
 
 
+def _plan_adapted(opened, stack, base, weights, dtype, shard_size, token, as_adapter):
+    """The adapted-merge plan when any source is a LoRA adapter (or `as_adapter` asks for one), else None."""
+    from .adapters import is_adapter_source
+
+    if base is None and not as_adapter and not any(is_adapter_source(s) for s in opened):
+        return None
+    from .lora_merge import prepare_adapted_merge
+
+    return prepare_adapted_merge(
+        opened, stack, base=base, weights=weights, dtype=dtype, shard_size=shard_size, token=token,
+        as_adapter=as_adapter,
+    )
+
+
+def _write_adapter_output(adapted, ingredients, out: Path, started: float, push_to, private, token) -> MergeResult:
+    """`as_adapter`: write the average as one PEFT adapter (with recipe and card), then push it when asked."""
+    from .card import write_card
+    from .lora_merge import write_average_adapter
+    from .recipe import hash_file
+    from .safetensors_io import DTYPES
+
+    partial = partial_folder(out)
+    if partial.exists():
+        shutil.rmtree(partial)
+    try:
+        written = write_average_adapter(
+            adapted.adapters, adapted.plan.weights, adapted.base, partial,
+            base_reference=adapted.base_reference, dtype=adapted.plan.dtype,
+        )
+        for name in TOKENIZER_FILES:
+            path = adapted.side_source.fetch(name) if name in adapted.side_source.list_files() else None
+            if path is not None:
+                shutil.copyfile(path, partial / name)
+        weights_file = partial / written.files[-1]
+        recipe = WarmRecipe(
+            ingredients=ingredients,
+            dtype=DTYPES[adapted.plan.dtype][0] if adapted.plan.dtype else "auto",
+            shards={weights_file.name: hash_file(weights_file, "xxh3_128:")},
+            total_size=weights_file.stat().st_size,
+            tool_version=__version__,
+            base=AdapterBase.of(adapted.base.source, reference=adapted.base_reference),
+            output="adapter",
+        )
+        recipe.save(partial)
+        write_card(partial, model_name=out.name, token=token)
+        _publish(partial, out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    result = MergeResult(
+        out=out, shards=dict(recipe.shards), total_size=recipe.total_size, seconds=time.perf_counter() - started
+    )
+    if push_to:
+        from .hub import push_to_hub
+
+        result.url = push_to_hub(out, push_to, private=private, token=token)
+    return result
+
+
 def _warm_up_side_files(progress_bar: bool) -> None:
     """Import what the side files and the progress bar need and compile the card's template, off the main thread."""
     from .card import load_template
@@ -378,6 +460,7 @@ def _finish_side_files(
     found: tuple[str | None, list[str] | None],
     *,
     token: str | bool | None,
+    base: AdapterBase | None = None,
 ) -> None:
     """The recipe (with the shard hashes) and the card, once the weights are written."""
     from .card import write_card
@@ -390,6 +473,7 @@ def _finish_side_files(
         shards=dict(sorted(digests.items())),
         total_size=plan.total_size,
         tool_version=__version__,
+        base=base,
     )
     recipe.save(folder)
     write_card(folder, model_name=folder.name.removesuffix(PARTIAL_SUFFIX), token=token, found=found)

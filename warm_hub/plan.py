@@ -32,6 +32,10 @@ class OutputTensor:
     offset: int
     inputs: tuple[TensorInfo, ...]
     average: bool  # False: a non-float tensor copied after checking every ingredient agrees
+    # Adapted merges (LoRA ingredients) read a different set of sources per tensor, with weights of their own.
+    sources: tuple[int, ...] | None = None  # the plan source of each input; None: input i is source i
+    weights: tuple[float, ...] | None = None  # the weight of each input; None: the plan's weights
+    deltas: tuple[LowRankDelta, ...] = ()  # low-rank terms added to the fp32 sum before its one rounding
 
     @property
     def numel(self) -> int:
@@ -40,6 +44,25 @@ class OutputTensor:
     @property
     def nbytes(self) -> int:
         return self.numel * itemsize(self.dtype)
+
+    @property
+    def source_indices(self) -> tuple[int, ...]:
+        """The plan source each input is read from."""
+        return self.sources if self.sources is not None else tuple(range(len(self.inputs)))
+
+
+@dataclass(frozen=True)
+class LowRankDelta:
+    """A term `coefficient * B @ A` of an output tensor (one LoRA adapter's delta, times its weight and scale).
+
+    `fan_in_fan_out`: the tensor is stored transposed (GPT-2's Conv1D), so the term is `(B @ A).T`.
+    """
+
+    source: int
+    a: TensorInfo
+    b: TensorInfo
+    coefficient: float
+    fan_in_fan_out: bool = False
 
 
 @dataclass
@@ -52,7 +75,11 @@ class OutputShard:
 
 @dataclass
 class MergePlan:
-    """Everything the engine needs, derived from headers only."""
+    """Everything the engine needs, derived from headers only.
+
+    `labels` names each source the engine reads (for an adapted merge: the ingredients, then their base);
+    `weights` are the ingredients' normalised weights.
+    """
 
     labels: list[str]
     weights: list[float]
@@ -82,6 +109,10 @@ class MergePlan:
             "shards": [[s.filename, hashlib.sha256(s.header).hexdigest(), s.size] for s in self.shards],
             "inputs": [[t.name, [[i.file, i.start, i.dtype] for i in t.inputs]] for t in self.tensors],
         }
+        adapted = [[t.sources, t.weights, [[d.source, d.a.start, d.b.start, d.coefficient] for d in t.deltas]]
+                   for t in self.tensors if t.sources is not None]
+        if adapted:
+            payload["adapted"] = adapted
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -171,43 +202,68 @@ def plan_merge(
         InvalidOptionError: bad weights or dtype.
     """
     weights = normalize_weights(weights, len(checkpoints))
-    out_code = _dtype_code(dtype)
+    out_code = parse_dtype(dtype)
     problems = find_incompatibilities(checkpoints)
     if problems:
         more = f" (and {len(problems) - 3} more problems)" if len(problems) > 3 else ""
         raise IncompatibleCheckpointsError("cannot merge: " + "; ".join(problems[:3]) + more)
 
     first = checkpoints[0]
-    groups: list[list[tuple[str, str, tuple[int, ...], tuple[TensorInfo, ...]]]] = [[]]
-    filled = 0
+    entries = []
     for name in sorted(first.tensors, key=natural_key):
         ref = first.tensors[name]
         code = out_code if out_code and is_floating(ref.dtype) else ref.dtype
-        nbytes = math.prod(ref.shape) * itemsize(code)
+        entries.append(PlannedTensor(name, code, ref.shape, tuple(c.tensors[name] for c in checkpoints)))
+    shards = layout_shards(entries, shard_size)
+    return MergePlan(labels=[c.label for c in checkpoints], weights=weights, shards=shards, dtype=out_code)
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """An output tensor before it has a place: what `layout_shards` arranges into shards."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    inputs: tuple[TensorInfo, ...]
+    sources: tuple[int, ...] | None = None
+    weights: tuple[float, ...] | None = None
+    deltas: tuple[LowRankDelta, ...] = ()
+
+
+def layout_shards(entries: list[PlannedTensor], shard_size: int) -> list[OutputShard]:
+    """Group tensors (in the given order) into shards of at most `shard_size` bytes and place each one."""
+    groups: list[list[PlannedTensor]] = [[]]
+    filled = 0
+    for entry in entries:
+        nbytes = math.prod(entry.shape) * itemsize(entry.dtype)
         if groups[-1] and filled + nbytes > shard_size:
             groups.append([])
             filled = 0
-        groups[-1].append((name, code, ref.shape, tuple(c.tensors[name] for c in checkpoints)))
+        groups[-1].append(entry)
         filled += nbytes
 
     shards = []
     for index, group in enumerate(groups):
         # Widest dtypes first keeps every tensor aligned to its element size (the header is padded to 8).
-        group.sort(key=lambda e: (-itemsize(e[1]), natural_key(e[0])))
-        header = build_header([(n, c, s) for n, c, s, _ in group], metadata=OUTPUT_METADATA)
+        group.sort(key=lambda e: (-itemsize(e.dtype), natural_key(e.name)))
+        header = build_header([(e.name, e.dtype, e.shape) for e in group], metadata=OUTPUT_METADATA)
         filename = (
             "model.safetensors" if len(groups) == 1 else f"model-{index + 1:05d}-of-{len(groups):05d}.safetensors"
         )
         shard = OutputShard(filename=filename, header=header, size=len(header))
-        for name, code, shape, inputs in group:
-            tensor = OutputTensor(name, code, shape, index, shard.size, inputs, average=is_floating(code))
+        for e in group:
+            tensor = OutputTensor(
+                e.name, e.dtype, e.shape, index, shard.size, e.inputs, average=is_floating(e.dtype),
+                sources=e.sources, weights=e.weights, deltas=e.deltas,
+            )
             shard.tensors.append(tensor)
             shard.size += tensor.nbytes
         shards.append(shard)
-    return MergePlan(labels=[c.label for c in checkpoints], weights=weights, shards=shards, dtype=out_code)
+    return shards
 
 
-def _dtype_code(dtype: str | None) -> str | None:
+def parse_dtype(dtype: str | None) -> str | None:
     if dtype is None or dtype in DTYPES and is_floating(dtype):
         return dtype
     try:

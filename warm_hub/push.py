@@ -39,8 +39,9 @@ def check_merge_output(folder: str | os.PathLike) -> WarmRecipe:
     if folder.name.endswith(PARTIAL_SUFFIX) or (folder / JOURNAL_NAME).exists():
         raise IncompleteOutputError(f"{folder} is an unfinished merge; finish it with `warm-hub merge ... --resume`")
     recipe = WarmRecipe.load(folder)
-    if not (folder / "config.json").is_file():
-        raise IncompleteOutputError(f"{folder}: config.json is missing; not a complete merge output")
+    config_name = "adapter_config.json" if recipe.output == "adapter" else "config.json"  # --as-adapter outputs
+    if not (folder / config_name).is_file():
+        raise IncompleteOutputError(f"{folder}: {config_name} is missing; not a complete merge output")
     if not recipe.shards:
         raise IncompleteOutputError(f"{folder}: {RECIPE_NAME} lists no weight shards")
     for name, expected in recipe.shards.items():

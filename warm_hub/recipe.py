@@ -61,6 +61,22 @@ class Ingredient:
 
 
 @dataclass
+class AdapterBase:
+    """The base model LoRA ingredients were applied to (and that an adapter output needs)."""
+
+    source: str = field(metadata={"help": "Hub repo id (or local folder name) of the base"})
+    revision: str | None = field(default=None, metadata={"help": "commit sha the base was read at"})
+    local: bool = field(default=False, metadata={"help": "whether the base was a local folder"})
+
+    @classmethod
+    def of(cls, source, *, reference: str) -> AdapterBase:
+        """The base as recorded: the adapters' own name for it when it was read from a local copy."""
+        if source.is_local and "/" in reference and not reference.startswith((".", "/", "~")):
+            return cls(source=reference, revision=None, local=False)
+        return cls(source=source.label, revision=source.revision, local=source.is_local)
+
+
+@dataclass
 class WarmRecipe:
     ingredients: list[Ingredient]
     dtype: str = field(metadata={"help": "output dtype of floating tensors, or 'auto' (kept per tensor)"})
@@ -69,11 +85,16 @@ class WarmRecipe:
     method: str = field(default="linear", metadata={"help": "weight averaging (WARM); fp32 accumulation"})
     tool: str = field(default="warm-hub", metadata={"help": "what made the merge"})
     tool_version: str = field(default="", metadata={"help": "version of warm-hub"})
+    base: AdapterBase | None = field(default=None, metadata={"help": "base model of LoRA adapter ingredients"})
+    output: str = field(default="checkpoint", metadata={"help": "'checkpoint', or 'adapter' (a PEFT adapter)"})
 
     def to_yaml(self) -> str:
         import yaml
 
-        return yaml.safe_dump(asdict(self), sort_keys=False, allow_unicode=True)
+        data = asdict(self)
+        if self.base is None:  # recipes of plain merges stay as they were
+            del data["base"], data["output"]
+        return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
     def save(self, folder: Path) -> Path:
         path = folder / RECIPE_NAME
@@ -93,7 +114,8 @@ class WarmRecipe:
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
             ingredients = [Ingredient(**i) for i in data.pop("ingredients")]
-            return cls(ingredients=ingredients, **data)
+            base = data.pop("base", None)
+            return cls(ingredients=ingredients, base=AdapterBase(**base) if base else None, **data)
         except FileNotFoundError:
             raise IncompleteOutputError(f"{folder}: no {RECIPE_NAME}; not a warm-hub merge output") from None
         except (yaml.YAMLError, TypeError, KeyError, AttributeError) as exc:

@@ -61,11 +61,14 @@ def parse_floats(values: tuple[str, ...], *, option: str) -> list[float] | None:
 @click.option("--corrupt-seed", type=int, default=None, help=config_help("corrupt_seed"))
 @click.option("--bf16", is_flag=True, help=config_help("bf16"))
 @click.option("--gradient-checkpointing", is_flag=True, help=config_help("gradient_checkpointing"))
+@click.option("--lora", "lora_r", type=click.IntRange(min=0), default=0, metavar="R", help=config_help("lora_r"))
+@click.option("--lora-alpha", type=float, default=None, help=config_help("lora_alpha"))
+@click.option("--lora-target", "lora_targets", multiple=True, metavar="NAME[,...]", help=config_help("lora_targets"))
 @click.option("--logging-steps", type=click.IntRange(min=1), default=10, help=config_help("logging_steps"))
 @click.option("--push-to", metavar="ORG/PREFIX", default=None, help=config_help("push_to"))
 @click.option("--private", is_flag=True, help=config_help("private"))
 @click.option("--overwrite", is_flag=True, help=config_help("overwrite"))
-def finetune_command(learning_rates, dropouts, bases, **options) -> None:
+def finetune_command(learning_rates, dropouts, bases, lora_targets, **options) -> None:
     """Fine-tune M reward models (Bradley-Terry loss) from one shared, linear-probed init.
 
     Each member is saved as a standard *ForSequenceClassification checkpoint in OUT/member-<i>/ with its
@@ -79,6 +82,10 @@ def finetune_command(learning_rates, dropouts, bases, **options) -> None:
     \b
     Multi-GPU (DDP/FSDP/DeepSpeed through an accelerate config):
       accelerate launch --multi_gpu --num_processes 8 "$(which warm-hub)" finetune --base BASE --data DATA --out OUT
+
+    \b
+    Models too big to fine-tune in full: --lora R trains LoRA adapters (PEFT, `pip install 'warm-hub[lora]'`),
+    the head as a saved module; `warm-hub merge OUT/member-*` averages the adapted models.
     """
     from ..finetune import finetune
 
@@ -86,6 +93,7 @@ def finetune_command(learning_rates, dropouts, bases, **options) -> None:
         bases=list(bases),
         learning_rates=parse_floats(learning_rates, option="--learning-rate") or [1e-5],
         dropouts=parse_floats(dropouts, option="--dropout"),
+        lora_targets=[part for value in lora_targets for part in value.split(",") if part.strip()] or None,
         **options,
     )
     result = finetune(config)

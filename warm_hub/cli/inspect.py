@@ -18,14 +18,17 @@ import click
     help="Judge as `merge --allow-config-mismatch` would: these model-defining keys (or 'tokenizer') may differ.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--base", metavar="PATH_OR_REPO", help="Base model of LoRA adapter SOURCES (default: theirs).")
 def inspect_command(
-    sources: tuple[str, ...], distances: bool, allow_config_mismatch: str | None, as_json: bool
+    sources: tuple[str, ...], distances: bool, allow_config_mismatch: str | None, as_json: bool, base: str | None
 ) -> None:
     """Check whether SOURCES (local folders or Hub repo ids) can be merged, and how far apart they are."""
     from warm_hub.inspect import inspect_ingredients
     from warm_hub.sizes import format_size
 
-    report = inspect_ingredients(list(sources), distances=distances, allow_config_mismatch=allow_config_mismatch)
+    report = inspect_ingredients(
+        list(sources), distances=distances, allow_config_mismatch=allow_config_mismatch, base=base
+    )
     if as_json:
         click.echo(json.dumps(asdict(report) | {"mergeable": report.mergeable}, indent=2, default=str))
         sys.exit(0 if report.mergeable else 1)
@@ -39,12 +42,26 @@ def inspect_command(
             (str(i), ing.label, rev, str(ing.tensors), f"{ing.parameters:,}", format_size(ing.bytes), dtypes, arch)
         )
     _table(rows)
+    adapters = [(i, ing.adapter) for i, ing in enumerate(report.ingredients, 1) if ing.adapter is not None]
+    if adapters:
+        click.echo("\nLoRA adapters:")
+        table = [("#", "base", "ranks", "modules", "targets", "saved modules")]
+        for i, a in adapters:
+            ranks = ",".join(map(str, a.ranks)) or "-"
+            table.append(
+                (str(i), a.base or "?", ranks, str(a.modules), ",".join(a.targets) or "-",
+                 ",".join(a.saved_modules) or "-")
+            )
+        _table(table)
     if report.config_differences:
         click.echo("\nConfig differences (WARM diversity: dropout, training metadata; merge accepts them):")
         for key, values in report.config_differences.items():
             click.echo(f"  {key}: " + " | ".join(json.dumps(v) for v in values))
     if report.distances is not None:
-        click.echo(f"\nL2 distances between ingredients (norm of their average: {report.mean_norm:.4g}):")
+        if report.mean_norm is None:
+            click.echo("\nL2 distances between the adapted models (their deltas and saved modules):")
+        else:
+            click.echo(f"\nL2 distances between ingredients (norm of their average: {report.mean_norm:.4g}):")
         header = [""] + [str(i) for i in range(1, len(report.distances) + 1)] + ["to mean"]
         body = [
             [str(i)] + [f"{d:.4g}" for d in row] + [f"{report.distance_to_mean[i - 1]:.4g}"]

@@ -48,6 +48,16 @@ def parse_weights(text: str | None) -> list[float] | None:
 )
 @click.option("--push-to", metavar="REPO_ID", help="Push the output to this Hub repo once written.")
 @click.option("--private", is_flag=True, default=None, help="Create the pushed repo as private.")
+@click.option(
+    "--base",
+    metavar="PATH_OR_REPO",
+    help="Base model of LoRA adapter SOURCES (default: the base_model_name_or_path their configs name).",
+)
+@click.option(
+    "--as-adapter",
+    is_flag=True,
+    help="With adapter SOURCES only: write one exact PEFT adapter of the average (ranks concatenated).",
+)
 def merge_command(
     sources: tuple[str, ...],
     out: str,
@@ -62,8 +72,14 @@ def merge_command(
     allow_config_mismatch: str | None,
     push_to: str | None,
     private: bool | None,
+    base: str | None,
+    as_adapter: bool,
 ) -> None:
-    """Average reward models SOURCES (local folders or Hub repo ids) into one WARM checkpoint."""
+    """Average reward models SOURCES (local folders or Hub repo ids) into one WARM checkpoint.
+
+    SOURCES may be PEFT LoRA adapters (alone or with full checkpoints of their base): the result is the
+    average of the adapted models, as a full checkpoint or, with --as-adapter, as one adapter.
+    """
     from warm_hub.merging import merge
     from warm_hub.sizes import format_size
 
@@ -81,6 +97,8 @@ def merge_command(
         allow_config_mismatch=allow_config_mismatch,
         push_to=push_to,
         private=private,
+        base=base,
+        as_adapter=as_adapter,
     )
     click.echo(
         f"Merged {len(sources)} ingredients into {result.out} ({format_size(result.total_size)},"

@@ -59,6 +59,14 @@ class FinetuneConfig:
     corrupt_seed: int | None = field(default=None, metadata={"help": "seed picking the flipped pairs (default: seed)"})
     bf16: bool = field(default=False, metadata={"help": "bfloat16 mixed precision (GPUs)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for activation memory"})
+    lora_r: int = field(
+        default=0,
+        metadata={"help": "train LoRA adapters of this rank (head as a saved module), not full members; 0: full"},
+    )
+    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (scale alpha / r); default 2 * r"})
+    lora_targets: list[str] | None = field(
+        default=None, metadata={"help": "module names LoRA adapts (e.g. q_proj,v_proj); default: PEFT's for the model"}
+    )
     logging_steps: int = field(default=10, metadata={"help": "log the loss every N steps"})
     push_to: str | None = field(
         default=None, metadata={"help": "Hub prefix org/name: member i is pushed to org/name-member-<i>"}
@@ -88,6 +96,10 @@ class FinetuneConfig:
             raise InvalidOptionError("give a positive --probe-epochs or --probe-steps (or --no-linear-probe)")
         if not 0 <= self.warmup_ratio < 1:
             raise InvalidOptionError(f"--warmup-ratio must lie in [0, 1), got {self.warmup_ratio}")
+        if self.lora_r < 0 or (self.lora_alpha is not None and self.lora_alpha <= 0):
+            raise InvalidOptionError("--lora and --lora-alpha must be positive")
+        if self.lora_r and len(set(self.bases)) > 1:
+            raise InvalidOptionError("LoRA members are averaged on one base: --lora takes one --base (no Baklava)")
         if self.push_to is not None and self.push_to.count("/") != 1:
             raise InvalidOptionError(f"--push-to takes org/prefix, got {self.push_to!r}")
 
@@ -116,6 +128,7 @@ class FinetuneConfig:
                     split=self.split,
                     corrupt_labels=self.corrupt_labels,
                     shared_head="linear-probe" if self.linear_probe else "seeded-init",
+                    lora_r=self.lora_r or None,
                 )
             )
         return configs
@@ -154,6 +167,7 @@ class MemberConfig:
     train_loss: float | None = field(default=None, metadata={"help": "mean Bradley-Terry loss over training"})
     train_seconds: float | None = field(default=None, metadata={"help": "wall time of training"})
     steps_per_second: float | None = field(default=None, metadata={"help": "optimizer steps per second"})
+    lora_r: int | None = field(default=None, metadata={"help": "rank of the member's LoRA adapter (None: full)"})
 
     def save(self, folder: Path) -> Path:
         path = Path(folder) / MEMBER_CONFIG_NAME

@@ -140,6 +140,36 @@ def load_reward_backbone(base: str, *, tokenizer, dropout: float | None = None, 
     return model, sorted(new)
 
 
+def wrap_with_lora(model, config: FinetuneConfig, head_names: list[str], *, base: str):
+    """The member as a PEFT LoRA model: low-rank adapters on the target modules, the head trained whole.
+
+    The adapter names `base` (the shared init: the base with the probed head and its pad token) as its base, so
+    `warm-hub merge OUT/member-*` finds it; pass `--base` to merge against a published copy.
+
+    Raises:
+        InvalidOptionError: PEFT is not installed.
+    """
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise InvalidOptionError("--lora needs PEFT: pip install 'warm-hub[lora]'") from None
+    lora = LoraConfig(
+        task_type="SEQ_CLS",
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha if config.lora_alpha is not None else 2 * config.lora_r,
+        target_modules=config.lora_targets,
+        # The head is trained in full and saved with the adapter, as a `modules_to_save` module.
+        modules_to_save=sorted({name.rsplit(".", 1)[0] for name in head_names}),
+        lora_dropout=0.0,
+    )
+    if config.gradient_checkpointing:
+        model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need a grad input
+    peft_model = get_peft_model(model, lora)
+    # Set after wrapping: PEFT names the loaded model's own path (the user's base) at get_peft_model.
+    peft_model.peft_config["default"].base_model_name_or_path = base
+    return peft_model
+
+
 def finetune(config: FinetuneConfig, *, token=None, tqdm_class=None) -> FinetuneResult:
     """Train `config.members` reward models (`_finetune`); a run that fails leaves no scratch or partial folder.
 
@@ -240,6 +270,8 @@ def _finetune(config: FinetuneConfig, *, token=None, tqdm_class=None) -> Finetun
             )
         missing, unexpected = model.load_state_dict(head, strict=False)
         assert not unexpected and not set(head) & set(missing), (unexpected, missing)
+        if config.lora_r:
+            model = wrap_with_lora(model, config, head_names, base=str(shared.resolve()))
         args = _training_arguments(
             config, out, seed=member.seed, learning_rate=member.learning_rate, epochs=member.epochs,
             max_steps=member.max_steps, warmup_ratio=member.warmup_ratio,
