@@ -408,10 +408,11 @@ class MergeEngine:
 
     def _check_mapped(self, item: WorkItem, slot: _Slot) -> None:
         """Check the mapped inputs of a chunk are still there, right before touching them (see `check_mapped`)."""
-        for source, info, buffer in zip(self.sources, item.tensor.inputs, slot.inputs, strict=True):
-            if buffer is None:
+        tensor = item.tensor
+        for s, info in zip(tensor.source_indices, tensor.inputs, strict=True):
+            if slot.inputs[s] is None:
                 size = itemsize(info.dtype)
-                source.check_mapped(info.file, info.start + item.start * size, item.count * size)
+                self.sources[s].check_mapped(info.file, info.start + item.start * size, item.count * size)
 
     def _release(self, item: WorkItem) -> None:
         """Hand the mapped input pages of a finished chunk back, a few chunks at a time.

@@ -477,6 +477,7 @@ def prepare_adapted_merge(
     """
     from .adapters import is_adapter_source, read_adapter
     from .checkpoint import read_checkpoint
+    from .compatibility import refusal_message
     from .configs import config_problems, load_config
     from .errors import SourceNotFoundError
     from .sources import open_sources
@@ -509,11 +510,11 @@ def prepare_adapted_merge(
     )
     config = adapted_config(adapters, base_config, plan)
     full = [i for i in ingredients if isinstance(i, Checkpoint)]
-    problems = config_problems(
+    problems, _ = config_problems(
         [base_source.label] + [i.label for i in full], [config] + [load_config(i.source) for i in full]
     )
     if problems:
-        raise IncompatibleCheckpointsError("cannot merge: " + "; ".join(problems[:3]))
+        raise IncompatibleCheckpointsError(refusal_message(problems))
     # The adapters' own name for the base keeps a written adapter portable when --base is a local copy.
     return AdaptedMerge(
         plan=plan,
