@@ -35,8 +35,9 @@ from .errors import (
 from .journal import JOURNAL_NAME, ResumeJournal
 from .plan import DEFAULT_SHARD_SIZE, MergePlan, plan_merge
 from .recipe import Ingredient, WarmRecipe
+from .side_files import SideFilePlan, plan_side_files
 from .sizes import parse_size
-from .sources import SAFE_INDEX, TOKENIZER_FILES, IngredientSource, open_sources
+from .sources import SAFE_INDEX, IngredientSource, open_sources
 
 logger = logging.get_logger(__name__)
 
@@ -121,6 +122,7 @@ def merge(
     resume: bool = False,
     overwrite: bool = False,
     allow_non_finite: bool = False,
+    trust_remote_code_files: bool = False,
     push_to: str | None = None,
     private: bool | None = None,
     token: str | bool | None = None,
@@ -141,6 +143,7 @@ def merge(
         resume: continue an interrupted merge of the same inputs into `out`.
         overwrite: replace `out` if it exists and is not empty.
         allow_non_finite: keep NaN/Inf values instead of failing on them.
+        trust_remote_code_files: also carry the first ingredient's custom code (`*.py`); see `warm_hub.side_files`.
         push_to: a Hub repo id to push the output to once written.
         private: create the pushed repo as private.
         token: Hub token (defaults to `HF_TOKEN` or the login cache).
@@ -175,6 +178,7 @@ def merge(
         problems = config_problems(labels, configs)
         if problems:
             raise IncompatibleCheckpointsError("cannot merge: " + "; ".join(problems[:3]))
+        side_files = plan_side_files(opened, configs, trust_remote_code_files=trust_remote_code_files)
         plan = plan_merge(checkpoints, weights=weights, dtype=dtype, shard_size=shard_bytes)
         fingerprint = plan.fingerprint([s.identity() for s in opened])
         partial = partial_folder(out)
@@ -196,7 +200,9 @@ def merge(
                 Ingredient(source=s.label, weight=w, revision=s.revision, local=s.is_local)
                 for s, w in zip(opened, plan.weights, strict=True)
             ]
-            prepared = side.submit(_prepare_side_files, plan, opened, configs, ingredients, partial, token=token)
+            prepared = side.submit(
+                _prepare_side_files, plan, opened, configs, ingredients, partial, side_files, token=token
+            )
             try:
                 digests = _run_engine(plan, opened, partial, journal, torch_device, allow_non_finite, tqdm_class)
             finally:
@@ -282,10 +288,12 @@ def _prepare_side_files(
     configs: list[dict | None],
     ingredients: list[Ingredient],
     folder: Path,
+    side_files: SideFilePlan,
     *,
     token: str | bool | None,
 ) -> tuple[str | None, list[str] | None]:
-    """Index, config and tokenizer files, and the ingredients' license and datasets (the card's slow inputs).
+    """Index, config and side files (`warm_hub.side_files`), and the ingredients' license and datasets (the card's
+    slow inputs).
 
     Returns:
         `ingredient_metadata(ingredients)`: the license and datasets read from the ingredients' Hub cards.
@@ -296,7 +304,6 @@ def _prepare_side_files(
     if plan.sharded:
         index = {"metadata": {"total_size": plan.total_size}, "weight_map": plan.weight_map()}
         (folder / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    first = sources[0]
     if configs[0] is not None:
         config = dict(configs[0])
         if plan.dtype is not None:
@@ -305,12 +312,7 @@ def _prepare_side_files(
             if "torch_dtype" in config:
                 config["torch_dtype"] = name
         (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    available = set(first.list_files())
-    for name in TOKENIZER_FILES + ("generation_config.json",):
-        if name in available:
-            path = first.fetch(name)
-            if path is not None:
-                shutil.copyfile(path, folder / name)
+    side_files.write(sources, folder, weights=plan.weights, dtype=plan.dtype)
     return ingredient_metadata(ingredients, token=token)
 
 

@@ -41,6 +41,8 @@ def parse_weights(text: str | None) -> list[float] | None:
 @click.option("--resume", is_flag=True, help="Continue an interrupted merge into the same --out.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists and is not empty.")
 @click.option("--allow-non-finite", is_flag=True, help="Keep NaN/Inf values instead of failing on them.")
+@click.option("--trust-remote-code-files", is_flag=True,
+              help="Also carry the first ingredient's custom code (*.py) into the output; read it first.")
 @click.option("--push-to", metavar="REPO_ID", help="Push the output to this Hub repo once written.")
 @click.option("--private", is_flag=True, default=None, help="Create the pushed repo as private.")
 def merge_command(
@@ -54,6 +56,7 @@ def merge_command(
     resume: bool,
     overwrite: bool,
     allow_non_finite: bool,
+    trust_remote_code_files: bool,
     push_to: str | None,
     private: bool | None,
 ) -> None:
@@ -72,6 +75,7 @@ def merge_command(
         resume=resume,
         overwrite=overwrite,
         allow_non_finite=allow_non_finite,
+        trust_remote_code_files=trust_remote_code_files,
         push_to=push_to,
         private=private,
     )
