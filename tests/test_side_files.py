@@ -118,3 +118,34 @@ def test_hub_sentence_transformers_bring_their_modules(hub_server, tmp_path, sen
     assert not (out / ".gitattributes").exists()
     merged = SentenceTransformer(str(out), device="cpu")
     assert [type(m).__name__ for m in merged] == ["Transformer", "Pooling", "Dense", "Normalize"]
+
+
+@pytest.mark.slow
+def test_trl_reward_trainer_checkpoints_merge_and_load(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    trl = pytest.importorskip("trl")
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from warm_hub.testing.preference_data import review_pairs, review_tokenizer, tiny_reward_model
+
+    # The README's recipe: one saved init (base + score head) shared by every member, dropout kept on.
+    init = tiny_reward_model(tmp_path / "init", seed=0, tokenizer=review_tokenizer())
+    rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in review_pairs(8, seed=1)]
+    checkpoints = []
+    for i in range(2):
+        args = trl.RewardConfig(output_dir=str(tmp_path / f"trl-{i}"), max_steps=1, save_steps=1, seed=i,
+                                per_device_train_batch_size=4, learning_rate=1e-3 * (i + 1), disable_dropout=False,
+                                report_to=[], use_cpu=True, disable_tqdm=True)
+        trl.RewardTrainer(model=AutoModelForSequenceClassification.from_pretrained(init), args=args,
+                          train_dataset=datasets.Dataset.from_list(rows),
+                          processing_class=AutoTokenizer.from_pretrained(init)).train()
+        checkpoints.append(tmp_path / f"trl-{i}" / "checkpoint-1")
+    assert (checkpoints[0] / "training_args.bin").exists()
+    out = warm_hub.merge([str(c) for c in checkpoints], tmp_path / "warm", device="cpu").out
+    assert not {"training_args.bin", "optimizer.pt", "trainer_state.json"} & {p.name for p in out.iterdir()}
+    model, info = AutoModelForSequenceClassification.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    first = AutoModelForSequenceClassification.from_pretrained(checkpoints[0])
+    second = AutoModelForSequenceClassification.from_pretrained(checkpoints[1])
+    torch.testing.assert_close(model.score.weight, (first.score.weight + second.score.weight) / 2)
+    assert not torch.equal(first.score.weight, second.score.weight)
