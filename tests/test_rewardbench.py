@@ -235,3 +235,10 @@ def test_cli_evaluates_rewardbench_files_for_members_ensemble_and_warm(run_cli, 
     mean = list(np.mean(per_member, axis=0))
     assert document["splits"]["rb2"]["ensemble"]["accuracy"] == pytest.approx(split.result(mean)["accuracy"])
     assert json.dumps(document).count('"ci_method"') == len(document["subsets"])
+
+
+def test_ties_rows_need_their_ids():
+    row = {"id": "12", "prompt": "q", "chosen": ["a", "b"], "rejected": ["c"], "subset": "Ties"}
+    with pytest.raises(InvalidOptionError, match="ref:N"):
+        benchmark_split([row], name="rb2", source="rb2.jsonl")
+    assert benchmark_split([{**row, "id": "tied:12"}], name="rb2", source="rb2.jsonl").ids == ["tied:12"]

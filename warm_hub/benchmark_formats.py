@@ -169,11 +169,16 @@ def benchmark_split(rows: Sequence[Mapping[str, Any]], *, name: str, source: str
             subset = next((d for d in RM_BENCH_DOMAINS if subset.startswith(d)), subset)
         if not c or not r:
             raise InvalidOptionError(f"{source}: row {i} needs at least one chosen and one rejected response")
+        row_id = str(row.get("id", i))
+        if fmt == REWARDBENCH_2 and subset.lower() == TIES_SUBSET:
+            kind, _, pid = row_id.partition(":")
+            if kind not in ("ref", "tied") or not pid.isdigit():
+                raise InvalidOptionError(f"{source}: Ties row ids must read 'ref:N' or 'tied:N', got {row_id!r}")
         prompts.append(row.get("prompt"))
         chosen.append(list(c))
         rejected.append(list(r))
         subsets.append(subset)
-        ids.append(str(row.get("id", i)))
+        ids.append(row_id)
     return BenchmarkSplit(name=name, source=source, format=fmt, prompts=prompts, chosen=chosen, rejected=rejected,
                           subsets=subsets, ids=ids, hub_id=hub_id)
 
