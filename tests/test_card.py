@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from warm_hub.card import MAX_CARD_BYTES, TAGS, EvalResults, read_front_matter, write_card
+from warm_hub.card import MAX_CARD_BYTES, TAGS, EvalResults, hub_url, read_front_matter, write_card
 from warm_hub.errors import InvalidOptionError
 from warm_hub.recipe import Ingredient, WarmRecipe
 
@@ -85,7 +85,7 @@ def test_front_matter_parses_back_with_huggingface_hub(mixed, tmp_path):
     assert card.data.model_name == "warm-rm"
 
     text = card.text
-    assert f"[`{SHA_A[:12]}`](https://huggingface.co/org/a/tree/{SHA_A})" in text
+    assert f"[`{SHA_A[:12]}`]({hub_url()}/org/a/tree/{SHA_A})" in text
     assert "| 3 | local folder `member-2` (not published) | n/a | 0.2000 |" in text
     assert 'model_id = "alice/warm-rm"' in text and "logits[0, 0]" in text
     assert f"warm-hub merge org/a@{SHA_A} org/b@{SHA_B} ./member-2 --weights 0.5,0.3,0.2 --dtype bfloat16" in text
@@ -230,3 +230,16 @@ def test_oversized_card_is_not_read(tmp_path):
     path = tmp_path / "README.md"
     path.write_text("---\nlicense: mit\n---\n" + "x" * (MAX_CARD_BYTES + 1))
     assert read_front_matter(path) == {}
+
+
+@pytest.mark.parametrize("endpoint", ["https://huggingface.co", "https://hub.example.com/"])
+def test_card_links_to_the_configured_hub(mixed, monkeypatch, endpoint):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    text = write_card(mixed, repo_id="alice/warm-rm").read_text(encoding="utf-8")
+    base = endpoint.rstrip("/")
+    assert f"[org/a]({base}/org/a)" in text and f"({base}/org/b/tree/{SHA_B})" in text
+    other = "https://hub.example.com" if base == "https://huggingface.co" else "https://huggingface.co"
+    assert other not in text
+    assert (f"set `HF_ENDPOINT={base}`" in text) == (base != "https://huggingface.co")

@@ -34,6 +34,14 @@ MAX_CARD_BYTES = 1 << 20
 THIS_MODEL_KEYS = ("warm", "WARM", "merged", "this model")
 PLOT_SUFFIXES = (".png", ".jpg", ".jpeg", ".svg", ".webp", ".gif")
 MODEL_INDEX_TASK = "Reward modeling (pairwise preference accuracy)"
+DEFAULT_HUB_URL = "https://huggingface.co"
+
+
+def hub_url() -> str:
+    """The Hub the card links to: the configured endpoint (`HF_ENDPOINT`: a mirror, an enterprise Hub)."""
+    from huggingface_hub import constants
+
+    return (constants.ENDPOINT or DEFAULT_HUB_URL).rstrip("/")
 
 
 @dataclass
@@ -381,6 +389,8 @@ def render_card(
         eval_plot=eval_plot,
         base=recipe.base,
         adapter_output=recipe.output == "adapter",
+        hub_url=hub_url(),
+        default_hub_url=DEFAULT_HUB_URL,
     )
     return text.rstrip("\n") + "\n"
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from huggingface_hub.utils import logging
 
+from .benchmark_formats import BenchmarkSplit, benchmark_split, subset_records
 from .errors import InvalidOptionError
 
 logger = logging.get_logger(__name__)
@@ -35,10 +36,13 @@ EVAL_RESULTS_SCHEMA = """\
   "data": [{"split": str, "source": str (file name or Hub id, never an absolute path), "pairs": int}],
   "interpolation": null | {"between": [str, str], "lambdas": [float],
                            "accuracy": {split name: [float, one per lambda]}},
-  "greedy": null | {"held_out": split name, "selected": [str]}
+  "greedy": null | {"held_out": split name, "selected": [str]},
+  "subsets": [record per model and benchmark subset] (`warm_hub.benchmark_formats.RECORDS_SCHEMA`; [] without
+              RewardBench, RewardBench 2 or RM-Bench splits)
 }
 "dataset", "splits", "model" and "plot" are what `warm_hub.card.EvalResults` reads for the model card.
-Accuracy counts a pair when the chosen response scores strictly above the rejected one (ties are errors).
+Accuracy counts a pair when the chosen response scores strictly above the rejected one (ties are errors); a
+benchmark split's "accuracy" is its headline score (`warm_hub.benchmark_formats`), its details under "subsets".
 Interpolation point lambda is the model lambda * between[0] + (1 - lambda) * between[1]; the greedy soup's
 accuracies are in "splits" under the name "greedy soup"."""
 
@@ -69,8 +73,11 @@ def pairwise_accuracy(chosen_rewards: Sequence[float], rejected_rewards: Sequenc
 
 
 def load_split(source: str | os.PathLike | Any, *, name: str | None = None, split: str = "test",
-               limit: int | None = None) -> PairSplit:
+               limit: int | None = None) -> PairSplit | BenchmarkSplit:
     """A `PairSplit` from a file/folder/Hub dataset (TRL preference format), a `datasets.Dataset` or rows.
+
+    Rows in RewardBench, RewardBench 2 or RM-Bench format (told apart by their columns) give a `BenchmarkSplit`
+    instead, scored as that benchmark scores.
 
     Args:
         source: what `load_preference_data` reads, a `datasets.Dataset`, or a list of dicts.
@@ -98,6 +105,9 @@ def load_split(source: str | os.PathLike | Any, *, name: str | None = None, spli
         label, default_name = name or "in-memory", name or "data"
     if not rows:
         raise InvalidOptionError(f"{label}: no preference pairs")
+    benchmark = benchmark_split(rows, name=name or default_name, source=label, hub_id=hub_id)
+    if benchmark is not None:
+        return benchmark
     return PairSplit(
         name=name or default_name,
         source=label,
@@ -115,14 +125,22 @@ def source_label(source: str | os.PathLike) -> str:
 
 
 def split_rewards(model, split: PairSplit, *, batch_size: int | None = None) -> tuple[list[float], list[float]]:
-    """Rewards of the chosen and of the rejected responses of `split` under a `RewardModel`."""
+    """Rewards of the chosen and of the rejected responses of `split` under a `RewardModel`.
+
+    For a `BenchmarkSplit`: every candidate's reward, flat, and no rejected list.
+    """
+    if isinstance(split, BenchmarkSplit):
+        return split.rewards(model, batch_size=batch_size), []
     chosen = model.score(split.prompts, split.chosen, batch_size=batch_size)
     rejected = model.score(split.prompts, split.rejected, batch_size=batch_size)
     return chosen, rejected
 
 
-def _results(rewards: Mapping[str, tuple[list[float], list[float]]]) -> dict:
-    return {s: {"accuracy": pairwise_accuracy(c, r), "n": len(c)} for s, (c, r) in rewards.items()}
+def _results(rewards: Mapping[str, tuple[list[float], list[float]]],
+             benchmarks: Mapping[str, BenchmarkSplit] | None = None) -> dict:
+    benchmarks = benchmarks or {}
+    return {s: benchmarks[s].result(c) if s in benchmarks else {"accuracy": pairwise_accuracy(c, r), "n": len(c)}
+            for s, (c, r) in rewards.items()}
 
 
 class _Document:
@@ -223,6 +241,11 @@ def evaluate_models(
         raise InvalidOptionError(f"--interpolate indices {interpolate} must lie in 0..{len(member_ids) - 1}")
 
     document = _Document(splits)
+    benchmarks = {s.name: s for s in splits if isinstance(s, BenchmarkSplit)}
+
+    def results(split_rewards: Mapping[str, tuple[list[float], list[float]]]) -> dict:
+        return _results(split_rewards, benchmarks)
+
     if dataset_name:
         document.data["dataset"]["name"] = dataset_name
     rewards: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
@@ -237,7 +260,7 @@ def evaluate_models(
             for split in splits:
                 rewards[label][split.name] = split_rewards(rm, split)
                 bar.update(1)
-            document.add(label, kind, _results(rewards[label]), source=label)
+            document.add(label, kind, results(rewards[label]), source=label)
             if kind == "member" and needs_weights:
                 states[label] = {k: v.detach().clone() for k, v in rm.model.state_dict().items()}
                 template = rm
@@ -247,7 +270,7 @@ def evaluate_models(
             s.name: _mean_rewards([rewards[m][s.name] for m in members])
             for s in splits
         }
-        document.add("ensemble", "ensemble", _results(mean), members=members)
+        document.add("ensemble", "ensemble", results(mean), members=members)
 
     def averaged(names: list[str], weights: list[float]) -> dict[str, tuple[list[float], list[float]]]:
         load_average(template.model, [states[n] for n in names], weights)
@@ -255,22 +278,23 @@ def evaluate_models(
 
     if weight_average:
         uniform = [1 / len(members)] * len(members)
-        document.add("warm (in memory)", "warm", _results(averaged(members, uniform)), members=members)
+        document.add("warm (in memory)", "warm", results(averaged(members, uniform)), members=members)
     if interpolate is not None:
         first, second = (members[i] for i in interpolate)
         points = _lambdas(lambdas)
         curve: dict[str, list[float]] = {s.name: [] for s in splits}
         for lam in tqdm_class(points, desc="Interpolating", unit="λ"):
-            for split_name, value in _results(averaged([first, second], [lam, 1 - lam])).items():
+            for split_name, value in results(averaged([first, second], [lam, 1 - lam])).items():
                 curve[split_name].append(value["accuracy"])
         document.data["interpolation"] = {"between": [first, second], "lambdas": points, "accuracy": curve}
     if greedy_on is not None:
-        selected, results = _greedy_soup(members, rewards, greedy_on, averaged)
+        selected, soup = _greedy_soup(members, rewards, greedy_on, averaged, results)
         document.data["greedy"] = {"held_out": greedy_on, "selected": selected}
-        document.add("greedy soup", "greedy-soup", results, members=selected)
+        document.add("greedy soup", "greedy-soup", soup, members=selected)
     merged = [labels[i] for i, kind in enumerate(kinds) if kind == "warm"]
     if len(merged) == 1:
         document.data["model"] = merged[0]
+    document.data["subsets"] = subset_records(document.data)
     return document.data
 
 
@@ -287,15 +311,15 @@ def is_warm_model(source: str | os.PathLike, *, token=None) -> bool:
         return file_exists(str(source), RECIPE_NAME, token=token)
 
 
-def _greedy_soup(members, rewards, held_out, averaged) -> tuple[list[str], dict]:
+def _greedy_soup(members, rewards, held_out, averaged, score=_results) -> tuple[list[str], dict]:
     """Model soups' greedy recipe: add members best-first while the soup's held-out accuracy does not drop."""
-    held = {m: pairwise_accuracy(*rewards[m][held_out]) for m in members}
+    held = {m: score({held_out: rewards[m][held_out]})[held_out]["accuracy"] for m in members}
     ranked = sorted(members, key=lambda m: -held[m])
     soup = [ranked[0]]
-    best = _results(rewards[ranked[0]])
+    best = score(rewards[ranked[0]])
     for candidate in ranked[1:]:
         trial = soup + [candidate]
-        results = _results(averaged(trial, [1 / len(trial)] * len(trial)))
+        results = score(averaged(trial, [1 / len(trial)] * len(trial)))
         if results[held_out]["accuracy"] >= best[held_out]["accuracy"]:
             soup, best = trial, results
     return soup, best

@@ -38,6 +38,7 @@ from .journal import JOURNAL_NAME, ResumeJournal
 from .output_lock import output_lock
 from .plan import DEFAULT_SHARD_SIZE, MergePlan, plan_merge
 from .recipe import AdapterBase, Ingredient, WarmRecipe
+from .side_files import SideFilePlan, plan_side_files
 from .sizes import parse_size
 from .sources import SAFE_INDEX, TOKENIZER_FILES, IngredientSource, LocalSource, open_sources
 
@@ -163,6 +164,7 @@ def merge(
     overwrite: bool = False,
     allow_non_finite: bool = False,
     allow_config_mismatch: str | list[str] | None = None,
+    trust_remote_code_files: bool = False,
     push_to: str | None = None,
     private: bool | None = None,
     token: str | bool | None = None,
@@ -188,6 +190,7 @@ def merge(
         allow_non_finite: keep NaN/Inf values instead of failing on them.
         allow_config_mismatch: model-defining config keys (or `"tokenizer"`) allowed to differ, as a list or
             `"key1,key2"`; each difference is logged as a warning and the output keeps the first ingredient's.
+        trust_remote_code_files: also carry the first ingredient's custom code (`*.py`); see `warm_hub.side_files`.
         push_to: a Hub repo id to push the output to once written.
         private: create the pushed repo as private.
         token: Hub token (defaults to `HF_TOKEN` or the login cache).
@@ -248,6 +251,7 @@ def merge(
                 logger.warning("merging ingredients that differ, as --allow-config-mismatch asks: %s", line)
             plan = plan_merge(checkpoints, weights=weights, dtype=dtype, shard_size=shard_bytes)
             read_from, side_sources = opened, opened
+        side_files = plan_side_files(side_sources, configs, trust_remote_code_files=trust_remote_code_files)
         check_open_files(plan, read_from)
         fingerprint = plan.fingerprint([s.identity() for s in read_from])
         partial = partial_folder(out)
@@ -270,7 +274,7 @@ def merge(
                 for s, w in zip(opened, plan.weights, strict=True)
             ]
             prepared = side.submit(
-                _prepare_side_files, plan, side_sources, configs, ingredients, partial, token=token
+                _prepare_side_files, plan, side_sources, configs, ingredients, partial, side_files, token=token
             )
             try:
                 digests = _run_engine(plan, read_from, partial, journal, torch_device, allow_non_finite, tqdm_class)
@@ -419,10 +423,12 @@ def _prepare_side_files(
     configs: list[dict | None],
     ingredients: list[Ingredient],
     folder: Path,
+    side_files: SideFilePlan,
     *,
     token: str | bool | None,
 ) -> tuple[str | None, list[str] | None]:
-    """Index, config and tokenizer files, and the ingredients' license and datasets (the card's slow inputs).
+    """Index, config and side files (`warm_hub.side_files`), and the ingredients' license and datasets (the card's
+    slow inputs).
 
     Returns:
         `ingredient_metadata(ingredients)`: the license and datasets read from the ingredients' Hub cards.
@@ -433,7 +439,6 @@ def _prepare_side_files(
     if plan.sharded:
         index = {"metadata": {"total_size": plan.total_size}, "weight_map": plan.weight_map()}
         (folder / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    first = sources[0]
     if configs[0] is not None:
         config = dict(configs[0])
         config.pop(EXPLICIT_WEIGHTS_KEY, None)  # it named the first ingredient's weights file, not the output's
@@ -443,12 +448,7 @@ def _prepare_side_files(
             if "torch_dtype" in config:
                 config["torch_dtype"] = name
         (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    available = set(first.list_files())
-    for name in TOKENIZER_FILES + ("generation_config.json",):
-        if name in available:
-            path = first.fetch(name)
-            if path is not None:
-                shutil.copyfile(path, folder / name)
+    side_files.write(sources, folder, weights=plan.weights, dtype=plan.dtype)
     return ingredient_metadata(ingredients, token=token)
 
 

@@ -18,7 +18,23 @@ KIND_COLORS = {
 
 
 def plot_results(document: dict, path: str | os.PathLike) -> Path:
-    """Draw `document` (an `eval_results.json`) into a PNG at `path`.
+    """Draw `document` (an `eval_results.json`) into a PNG at `path` (see `results_figure`).
+
+    Raises:
+        ImportError: matplotlib is not installed.
+    """
+    import matplotlib.pyplot as plt
+
+    fig = results_figure(document)
+    path = Path(path)
+    # "tight" grows the canvas to hold the legends placed outside the axes.
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def results_figure(document: dict):
+    """The matplotlib figure of `document`; the caller closes it.
 
     Left: grouped bars of pairwise accuracy per split, one bar per model, coloured by kind. Right, when the
     document has an interpolation: accuracy along λ·φ1 + (1-λ)·φ2 per split, against the straight line between
@@ -49,7 +65,9 @@ def plot_results(document: dict, path: str | os.PathLike) -> Path:
     low = min(values) if values else 0.5
     ax.set_ylim(max(0.0, low - 0.1), 1.0)
     ax.set_title("Members, ensemble and WARM")
-    ax.legend(fontsize=7, ncol=4, loc="upper center")
+    # Below the axes, never over the bars (up to 1.0, the top of the plot).
+    ax.legend(fontsize=7, ncol=min(4, max(len(models), 1)), loc="upper center", bbox_to_anchor=(0.5, -0.1),
+              frameon=False)
     ax.grid(axis="y", alpha=0.3)
     if curve:
         ax = axes[0][1]
@@ -63,10 +81,7 @@ def plot_results(document: dict, path: str | os.PathLike) -> Path:
         ax.set_xlabel(f"λ  (0 = {second}, 1 = {first})")
         ax.set_ylabel("pairwise accuracy")
         ax.set_title("Linear mode connectivity")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig

@@ -45,7 +45,8 @@ def format_table(rows: list[list[str]]) -> str:
 @click.argument("models", nargs=-1, required=True, metavar="MODEL...")
 @click.option("--data", "data", multiple=True, required=True, metavar="[NAME=]PATH_OR_DATASET",
               help="preference pairs to evaluate on (repeat for several splits); a .jsonl/.json/.parquet file, a"
-                   " folder or a Hub dataset")
+                   " folder or a Hub dataset; RewardBench, RewardBench 2 and RM-Bench files are recognised by their"
+                   " columns and scored per subset")
 @click.option("--split", default="test", help="split of Hub datasets and data folders")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="evaluate the first N pairs of each split")
 @click.option("--ensemble", is_flag=True, help="also evaluate the prediction ensemble (mean reward) of the members")
@@ -76,6 +77,7 @@ def evaluate_command(models, data, split, limit, ensemble, weight_average, inter
       warm-hub evaluate ./run/member-* ./warm --data test=test.jsonl --data shifted=ood.jsonl \\
           --ensemble --interpolate 0,1 --json ./warm/eval_results.json --plot ./warm/eval.png
     """
+    from ..benchmark_formats import subset_tables
     from ..errors import InvalidOptionError
     from ..evaluate import evaluate_models, load_split, results_table, save_results
 
@@ -101,6 +103,9 @@ def evaluate_command(models, data, split, limit, ensemble, weight_average, inter
         batch_size=batch_size,
     )
     click.echo(format_table(results_table(document)))
+    for split_name, rows in subset_tables(document).items():
+        click.echo(f"\n{split_name} by subset:")
+        click.echo(format_table(rows))
     curve = document["interpolation"]
     if curve:
         first, second = curve["between"]

@@ -46,6 +46,8 @@ def parse_weights(text: str | None) -> list[float] | None:
     metavar="KEY[,KEY]",
     help="Merge even though these model-defining config keys (or 'tokenizer') differ; each is warned about.",
 )
+@click.option("--trust-remote-code-files", is_flag=True,
+              help="Also carry the first ingredient's custom code (*.py) into the output; read it first.")
 @click.option("--push-to", metavar="REPO_ID", help="Push the output to this Hub repo once written.")
 @click.option("--private", is_flag=True, default=None, help="Create the pushed repo as private.")
 @click.option(
@@ -70,6 +72,7 @@ def merge_command(
     overwrite: bool,
     allow_non_finite: bool,
     allow_config_mismatch: str | None,
+    trust_remote_code_files: bool,
     push_to: str | None,
     private: bool | None,
     base: str | None,
@@ -95,6 +98,7 @@ def merge_command(
         overwrite=overwrite,
         allow_non_finite=allow_non_finite,
         allow_config_mismatch=allow_config_mismatch,
+        trust_remote_code_files=trust_remote_code_files,
         push_to=push_to,
         private=private,
         base=base,

@@ -6,6 +6,7 @@ ingredients do.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -103,3 +104,33 @@ def make_members(
         shard = shard_sizes[i] if shard_sizes else None
         paths.append(save_checkpoint(model, root / f"member-{i}", max_shard_size=shard))
     return paths
+
+
+def tiny_sentence_transformer(path: str | Path, *, seed: int = 0, pooling: str = "mean", dense: bool = True) -> Path:
+    """A sentence-transformers model (tiny BERT, pooling, optional Dense, Normalize) of one shared init, saved."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer import modules as models
+    from transformers import BertModel
+
+    path = Path(path)
+    torch.manual_seed(0)
+    bert = perturb(BertModel(tiny_config("bert")), seed=1000 + seed)
+    save_checkpoint(bert, path / "_bert")
+    modules = [models.Transformer(str(path / "_bert")), models.Pooling(32, pooling_mode=pooling)]
+    if dense:
+        torch.manual_seed(0)
+        modules.append(perturb(models.Dense(32, 8), seed=2000 + seed, scale=0.2))
+    SentenceTransformer(modules=[*modules, models.Normalize()]).save(str(path))
+    shutil.rmtree(path / "_bert")
+    return path
+
+
+def tiny_cross_encoder(path: str | Path, *, seed: int = 0) -> Path:
+    """A sentence-transformers CrossEncoder (a tiny BERT sequence classifier of one shared init), saved."""
+    from sentence_transformers import CrossEncoder
+
+    path = Path(path)
+    save_checkpoint(perturb(tiny_model("bert", seed=0), seed=1000 + seed), path / "_bert")
+    CrossEncoder(str(path / "_bert")).save(str(path))
+    shutil.rmtree(path / "_bert")
+    return path
