@@ -410,6 +410,16 @@ def test_out_that_links_to_a_folder_is_written_through(tmp_path, run_cli, member
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "member-0", "member-1", "target"]
 
 
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--weights", "1e309,1"], "finite"),
+        (["--max-memory", "9" * 40 + "TB"], "too large"),
+        (["--shard-size", "1" + "0" * 30 + "GB"], "too large"),
+        (["--max-memory", "1e400"], "not a size"),
+        (["--shard-size", "٥GB"], "not a size"),  # a non-ASCII digit is not a size either
+    ],
+)
 def test_overflowing_options_are_one_line(tmp_path, run_cli, members, option, message):
     check_failure(run_cli, tmp_path / "out", [*members, *option], message)
 
