@@ -63,7 +63,13 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="write the curves here")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (as the demo: on a busy machine extra threads spin)")
     options = parser.parse_args()
+    import torch
+
+    if options.threads > 0:
+        torch.set_num_threads(options.threads)
     curves = {}
     for name in options.proxies:
         proxy_dir = options.demo / "warm" if name == "warm" else options.demo / "members" / name
