@@ -20,7 +20,8 @@ logger = logging.get_logger(__name__)
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
 SPLIT_FILES = {"in_distribution": "test_in_distribution.jsonl", "shifted": "test_shifted.jsonl"}
 PLOT_NAME = "eval.png"
-DEMO_ENTRIES = ("data", "base", "members", "warm", "demo_config.json")
+BEST_OF_N_NAME = "best_of_n.json"
+DEMO_ENTRIES = ("data", "base", "members", "warm", "demo_config.json", "best_of_n", BEST_OF_N_NAME)
 
 
 @dataclass
@@ -43,6 +44,10 @@ class DemoConfig:
     dropouts: list[float] = field(default_factory=lambda: [0.05, 0.1], metadata={"help": "dropout grid"})
     baklava: bool = field(default=False, metadata={"help": "start members from different pretraining checkpoints"})
     interpolation_points: int = field(default=11, metadata={"help": "λ values on the member-0/member-1 path"})
+    best_of_n: int = field(
+        default=64, metadata={"help": "candidates per prompt of the best-of-N step against the true reward (0: skip)"}
+    )
+    best_of_n_prompts: int = field(default=32, metadata={"help": "prompts of the best-of-N step"})
     plot: bool = field(default=True, metadata={"help": "draw eval.png when matplotlib is installed"})
     threads: int = field(
         default=1,
@@ -65,6 +70,7 @@ class DemoResult:
     seconds: float
     timings: dict[str, float]
     steps_per_second: float | None
+    best_of_n: dict | None = None
 
 
 def build_tokenizer(corpus: list[str], *, max_length: int):
@@ -305,6 +311,17 @@ def _run_demo(config: DemoConfig, *, tqdm_class) -> DemoResult:
         results["plot"] = PLOT_NAME
     write_card(merged.out, eval_results=save_results(results, merged.out / EVAL_RESULTS_NAME))
     timings["evaluate"] = time.perf_counter() - tick
+
+    best_of_n = None
+    if config.best_of_n:
+        from .demo_best_of_n import run_demo_best_of_n
+
+        tick = time.perf_counter()
+        best_of_n = run_demo_best_of_n(policy=checkpoints[-1], members=run.members, warm=merged.out,
+                                       n=config.best_of_n, prompts=config.best_of_n_prompts, seed=config.seed,
+                                       cache_dir=out / "best_of_n", tqdm_class=tqdm_class).to_json()
+        (out / BEST_OF_N_NAME).write_text(json.dumps(best_of_n, indent=2) + "\n", encoding="utf-8")
+        timings["best_of_n"] = time.perf_counter() - tick
     return DemoResult(
         out=out,
         warm=merged.out,
@@ -313,6 +330,7 @@ def _run_demo(config: DemoConfig, *, tqdm_class) -> DemoResult:
         seconds=time.perf_counter() - started,
         timings=timings,
         steps_per_second=steps / train_seconds if train_seconds else None,
+        best_of_n=best_of_n,
     )
 
 

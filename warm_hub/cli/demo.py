@@ -34,6 +34,9 @@ def demo_help(name: str) -> str:
 @click.option("--hidden-size", type=click.IntRange(min=8), default=DemoConfig.hidden_size,
               help=demo_help("hidden_size"))
 @click.option("--layers", type=click.IntRange(min=1), default=DemoConfig.layers, help=demo_help("layers"))
+@click.option("--best-of-n", type=click.IntRange(min=0), default=DemoConfig.best_of_n, help=demo_help("best_of_n"))
+@click.option("--best-of-n-prompts", type=click.IntRange(min=1), default=DemoConfig.best_of_n_prompts,
+              help=demo_help("best_of_n_prompts"))
 @click.option("--plot/--no-plot", default=True, help=demo_help("plot"))
 @click.option("--threads", type=click.IntRange(min=0), default=DemoConfig.threads, help=demo_help("threads"))
 @click.option("--overwrite", is_flag=True, help=demo_help("overwrite"))
@@ -62,6 +65,15 @@ def demo_command(**options) -> None:
         click.echo(f"\nλ·{first} + (1-λ)·{second}, λ = {', '.join(f'{x:g}' for x in curve['lambdas'])}:")
         for split, values in curve["accuracy"].items():
             click.echo(f"  {split}: {' '.join(f'{v:.3f}' for v in values)}")
+    if result.best_of_n:
+        from ..demo_best_of_n import summary_table
+
+        bon = result.best_of_n
+        click.echo(
+            f"\nBest-of-n against the true reward ({bon['prompts']} prompts x {bon['n']} samples of the base LM at"
+            f" temperature {bon['sampling']['temperature']:g}; gold reward of the pick, mean ± 95% half-width):\n"
+        )
+        click.echo(format_table(summary_table(bon["records"])))
     wall = time.perf_counter() - started
     stages = ", ".join(f"{k} {v:.0f}s" for k, v in result.timings.items())
     click.echo(f"\nwall time {wall:.0f}s ({stages})")
