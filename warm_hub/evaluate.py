@@ -85,29 +85,34 @@ def load_split(source: str | os.PathLike | Any, *, name: str | None = None, spli
         split: split of a Hub dataset or data folder.
         limit: keep only the first `limit` pairs.
     """
-    from .finetune.data import check_preference_columns, load_preference_data
+    from .finetune.data import check_preference_columns, check_preference_values, load_data_source
 
     hub_id = None
     if isinstance(source, str | os.PathLike):
         label = source_label(source)
-        dataset = load_preference_data(source, split=split)
+        dataset = load_data_source(source, split=split)
         rows = dataset.to_list() if limit is None else dataset.select(range(min(limit, len(dataset)))).to_list()
         local = Path(source).exists()
         hub_id = None if local else str(source)
         default_name = Path(source).stem if local else split
     else:
-        if hasattr(source, "column_names"):
-            check_preference_columns(source, label=name or "dataset")
-            rows = source.to_list()
-        else:
-            rows = list(source)
+        dataset = source if hasattr(source, "column_names") else None
+        rows = source.to_list() if dataset is not None else list(source)
         rows = rows if limit is None else rows[:limit]
         label, default_name = name or "in-memory", name or "data"
     if not rows:
         raise InvalidOptionError(f"{label}: no preference pairs")
+    # Benchmark files (lists of responses per row) first: their rows are not plain pairs.
     benchmark = benchmark_split(rows, name=name or default_name, source=label, hub_id=hub_id)
     if benchmark is not None:
         return benchmark
+    if dataset is not None:
+        check_preference_columns(dataset, label=label)
+    else:
+        missing = [c for c in ("chosen", "rejected") if any(c not in r for r in rows)]
+        if missing:
+            raise InvalidOptionError(f"{label}: rows lack {missing}; preference data needs 'chosen' and 'rejected'")
+        check_preference_values({c: [r.get(c) for r in rows] for c in ("prompt", "chosen", "rejected")}, label=label)
     return PairSplit(
         name=name or default_name,
         source=label,
