@@ -211,3 +211,17 @@ def _read_config(source: IngredientSource) -> dict:
     if not isinstance(config, dict):
         raise CheckpointFormatError(f"{source.label}: {ADAPTER_CONFIG} is not a JSON object")
     return config
+
+
+def load_tensor(source: IngredientSource, info: TensorInfo):
+    """One whole tensor of a source as a torch tensor (for the small tensors of adapters)."""
+    import torch
+
+    from .safetensors_io import torch_dtype
+
+    dtype = torch_dtype(info.dtype)
+    if not info.nbytes:
+        return torch.empty(info.shape, dtype=dtype)
+    buffer = bytearray(info.nbytes)
+    source.read_into(info.file, info.start, memoryview(buffer))
+    return torch.frombuffer(buffer, dtype=dtype).view(info.shape)

@@ -12,12 +12,12 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .adapters import ADAPTER_WEIGHTS, is_adapter_source, read_adapter
+from .adapters import ADAPTER_WEIGHTS, Adapter, is_adapter_source, load_tensor, read_adapter
 from .checkpoint import Checkpoint, read_checkpoint, read_header
 from .compatibility import check_compatibility, parse_allowed_mismatches
 from .configs import load_config
 from .errors import IncompatibleCheckpointsError, InvalidOptionError, SourceNotFoundError
-from .plan import find_incompatibilities
+from .plan import find_incompatibilities, natural_key
 from .safetensors_io import is_floating, itemsize, torch_dtype
 from .sources import IngredientSource, open_sources
 
@@ -137,7 +137,7 @@ def inspect_ingredients(
 
 def _inspect_adapted(opened, stack, *, base: str | None, distances: bool, token) -> InspectReport:
     """Adapters (and full checkpoints of their base): summaries, whether they merge, distances of their deltas."""
-    from .lora_merge import adapted_distances, prepare_adapted_merge
+    from .lora_merge import prepare_adapted_merge
 
     summaries = []
     for source in opened:
@@ -209,3 +209,61 @@ def _measure_distances(report: InspectReport, checkpoints: list[Checkpoint], tqd
     report.distances = squared.sqrt().tolist()
     report.distance_to_mean = diag.clamp_min(0).sqrt().tolist()
     report.mean_norm = math.sqrt(mean_sq)
+
+
+def adapted_distances(adapters: list[Adapter], base: Checkpoint | None) -> list[list[float]]:
+    """Pairwise L2 distances between the adapted models, over every tensor an adapter changes.
+
+    Low-rank parts need no product: <s_i B_i A_i, s_j B_j A_j> = s_i s_j trace((B_i^T B_j)(A_j A_i^T)).
+    Saved modules are compared whole, one tensor at a time; the base is read only for a saved module that some
+    adapter does not save.
+
+    Args:
+        adapters: the adapters, all of one base.
+        base: the base checkpoint, or None when every adapter saves the same modules.
+
+    Returns:
+        An M x M matrix of distances.
+
+    Raises:
+        IncompatibleCheckpointsError: the base is needed (adapters save different modules) but not given.
+    """
+    import torch
+
+    n = len(adapters)
+    squared = torch.zeros(n, n, dtype=torch.float64)
+    saved = {name for a in adapters for name in a.saved}
+    for name in sorted({m for a in adapters for m in a.modules} - saved, key=natural_key):
+        factors = []
+        for a in adapters:
+            module = a.modules.get(name)
+            if module is not None:
+                a_factor, b_factor = load_tensor(a.source, module.a), load_tensor(a.source, module.b)
+                factors.append((a_factor.double(), b_factor.double() * module.scale))
+            else:
+                factors.append(None)
+        gram = torch.zeros(n, n, dtype=torch.float64)
+        for i, fi in enumerate(factors):
+            for j, fj in enumerate(factors[: i + 1]):
+                if fi is not None and fj is not None:
+                    gram[i, j] = gram[j, i] = torch.trace((fi[1].T @ fj[1]) @ (fj[0] @ fi[0].T))
+        diag = gram.diagonal()
+        squared += diag[:, None] + diag[None, :] - 2 * gram
+    for name in sorted(saved, key=natural_key):
+        values = []
+        for a in adapters:
+            if name in a.saved:
+                values.append(load_tensor(a.source, a.saved[name]).double())
+                continue
+            if base is None or name not in base.tensors:
+                raise IncompatibleCheckpointsError(f"{a.label} does not save {name!r}: its base is needed to compare")
+            value = load_tensor(base.source, base.tensors[name]).double()
+            module = a.modules.get(name)
+            if module is not None:
+                b_factor, a_factor = load_tensor(a.source, module.b), load_tensor(a.source, module.a)
+                delta = module.scale * (b_factor.double() @ a_factor.double())
+                value = value + (delta.T if module.fan_in_fan_out else delta)
+            values.append(value)
+        flat = torch.stack([v.reshape(-1) for v in values])
+        squared += torch.cdist(flat, flat).square()
+    return squared.clamp_min(0).sqrt().tolist()

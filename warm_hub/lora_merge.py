@@ -8,12 +8,10 @@ average can be written as one exact adapter: ranks concatenated, `[w_1 s_1 B_1 .
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 
-from .adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter, LoraModule
+from .adapters import Adapter, LoraModule
 from .checkpoint import Checkpoint
 from .errors import IncompatibleCheckpointsError, InvalidOptionError
 from .plan import (
@@ -297,134 +295,6 @@ class LowRankRows:
 
 
 @dataclass
-class AdapterOutput:
-    """What `write_average_adapter` wrote: the adapter's file names and its summed rank."""
-
-    files: list[str]
-    rank: int
-    target_modules: list[str]
-
-
-def write_average_adapter(
-    adapters: Sequence[Adapter],
-    weights: list[float],
-    base: Checkpoint,
-    folder: Path,
-    *,
-    base_reference: str,
-    dtype: str | None = None,
-) -> AdapterOutput:
-    """Write one PEFT adapter that is exactly the weighted average of the adapted models.
-
-    Each target module gets `A = [A_1; ...; A_M]` and `B = [w_1 s_1 B_1 ... w_M s_M B_M]` (zero-padded to one
-    rank for all modules, with lora_alpha = rank so PEFT's scale is 1); each saved module is the weighted
-    average of the adapters' copies (the base's tensor for adapters that do not save it). Tensors are built one
-    at a time; an adapter is small next to its base.
-
-    Args:
-        adapters: the ingredients, all adapters of `base`.
-        weights: their normalised weights.
-        base: the base checkpoint (for the saved modules of adapters that lack them).
-        folder: where `adapter_config.json` and `adapter_model.safetensors` go.
-        base_reference: the base as the written config names it (a repo id, or a path).
-        dtype: output dtype code of floating tensors, or None to keep the first adapter's.
-
-    Returns:
-        An `AdapterOutput`.
-
-    Raises:
-        IncompatibleCheckpointsError: a module is a LoRA target in one adapter and a saved module in another, or
-            the adapters disagree on fan_in_fan_out for a module.
-    """
-    import torch
-    from safetensors.torch import save_file
-
-    targets = sorted({name for a in adapters for name in a.modules}, key=natural_key)
-    saved = sorted({name for a in adapters for name in a.saved}, key=natural_key)
-    both = set(targets) & set(saved)
-    if both:
-        raise IncompatibleCheckpointsError(
-            f"cannot write one adapter: {sorted(both)[0]!r} is a LoRA target in one adapter and a saved module in"
-            " another (merge to a full checkpoint instead)"
-        )
-    rank = max(sum(a.modules[t].rank for a in adapters if t in a.modules) for t in targets) if targets else 1
-    tensors = {}
-    for name in targets:
-        members = [(a, w) for a, w in zip(adapters, weights, strict=True) if name in a.modules]
-        if len({a.modules[name].fan_in_fan_out for a, _ in members}) > 1:
-            raise IncompatibleCheckpointsError(f"cannot write one adapter: adapters store {name!r} differently")
-        a_parts, b_parts = [], []
-        for adapter, w in members:
-            module = adapter.modules[name]
-            a_parts.append(_load(adapter.source, module.a).to(torch.float32))
-            b_parts.append(_load(adapter.source, module.b).to(torch.float32) * (w * module.scale))
-        a_cat, b_cat = torch.cat(a_parts), torch.cat(b_parts, dim=1)
-        pad = rank - a_cat.shape[0]
-        if pad:  # zero rows of A against zero columns of B add nothing
-            a_cat = torch.cat([a_cat, a_cat.new_zeros(pad, a_cat.shape[1])])
-            b_cat = torch.cat([b_cat, b_cat.new_zeros(b_cat.shape[0], pad)], dim=1)
-        module_name = name.removesuffix(".weight")
-        first = members[0][0].modules[name]
-        tensors[f"base_model.model.{module_name}.lora_A.weight"] = a_cat.to(_out_dtype(dtype, first.a))
-        tensors[f"base_model.model.{module_name}.lora_B.weight"] = b_cat.to(_out_dtype(dtype, first.b))
-    for name in saved:
-        total = None
-        for adapter, w in zip(adapters, weights, strict=True):
-            info = adapter.saved.get(name)
-            value = _load(adapter.source, info) if info is not None else _load(base.source, base.tensors[name])
-            term = value.to(torch.float64 if value.dtype == torch.float64 else torch.float32) * w
-            total = term if total is None else total.add_(term)
-        first = next(a.saved[name] for a in adapters if name in a.saved)
-        tensors[f"base_model.model.{name}"] = total.to(_out_dtype(dtype, first))
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    config = _average_config(adapters, targets, saved, rank, base_reference)
-    (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    return AdapterOutput(files=[ADAPTER_CONFIG, ADAPTER_WEIGHTS], rank=rank, target_modules=targets)
-
-
-def _average_config(adapters, targets, saved, rank, base_reference) -> dict:
-    config = dict(adapters[0].config)
-    to_save = list(dict.fromkeys(m for a in adapters for m in a.config.get("modules_to_save") or []))
-    for name in saved:  # a saved tensor's module, when a config did not list it
-        module = name.rsplit(".", 1)[0]
-        if not any(module == m or module.endswith("." + m) for m in to_save):
-            to_save.append(module)
-    config.update(
-        base_model_name_or_path=base_reference,
-        r=rank,
-        lora_alpha=rank,
-        use_rslora=False,
-        rank_pattern={},
-        alpha_pattern={},
-        # Full module names: exactly the modules that have factors (PEFT matches a name or a dotted suffix).
-        target_modules=[t.removesuffix(".weight") for t in targets],
-        layers_to_transform=None,
-        layers_pattern=None,
-        modules_to_save=to_save or None,
-        fan_in_fan_out=any(m.fan_in_fan_out for a in adapters for m in a.modules.values()),
-        inference_mode=True,
-    )
-    return config
-
-
-def _load(source: IngredientSource, info: TensorInfo):
-    import torch
-
-    buffer = bytearray(info.nbytes)
-    source.read_into(info.file, info.start, memoryview(buffer))
-    return (
-        torch.frombuffer(buffer, dtype=torch_dtype(info.dtype)).view(info.shape)
-        if info.nbytes
-        else torch.empty(info.shape, dtype=torch_dtype(info.dtype))
-    )
-
-
-def _out_dtype(dtype: str | None, like: TensorInfo):
-    return torch_dtype(dtype if dtype else like.dtype)
-
-
-@dataclass
 class AdaptedMerge:
     """A planned merge with adapter ingredients.
 
@@ -523,59 +393,3 @@ def prepare_adapted_merge(
         base_reference=adapters[0].base or reference,
         config=config,
     )
-
-
-def adapted_distances(adapters: Sequence[Adapter], base: Checkpoint | None) -> list[list[float]]:
-    """Pairwise L2 distances between the adapted models, over every tensor an adapter changes.
-
-    Low-rank parts need no product: <s_i B_i A_i, s_j B_j A_j> = s_i s_j trace((B_i^T B_j)(A_j A_i^T)).
-    Saved modules are compared whole, one tensor at a time; the base is read only for a saved module that some
-    adapter does not save.
-
-    Args:
-        adapters: the adapters, all of one base.
-        base: the base checkpoint, or None when every adapter saves the same modules.
-
-    Returns:
-        An M x M matrix of distances.
-
-    Raises:
-        IncompatibleCheckpointsError: the base is needed (adapters save different modules) but not given.
-    """
-    import torch
-
-    n = len(adapters)
-    squared = torch.zeros(n, n, dtype=torch.float64)
-    saved = {name for a in adapters for name in a.saved}
-    for name in sorted({m for a in adapters for m in a.modules} - saved, key=natural_key):
-        factors = []
-        for a in adapters:
-            module = a.modules.get(name)
-            if module is not None:
-                factors.append((_load(a.source, module.a).double(), _load(a.source, module.b).double() * module.scale))
-            else:
-                factors.append(None)
-        gram = torch.zeros(n, n, dtype=torch.float64)
-        for i, fi in enumerate(factors):
-            for j, fj in enumerate(factors[: i + 1]):
-                if fi is not None and fj is not None:
-                    gram[i, j] = gram[j, i] = torch.trace((fi[1].T @ fj[1]) @ (fj[0] @ fi[0].T))
-        diag = gram.diagonal()
-        squared += diag[:, None] + diag[None, :] - 2 * gram
-    for name in sorted(saved, key=natural_key):
-        values = []
-        for a in adapters:
-            if name in a.saved:
-                values.append(_load(a.source, a.saved[name]).double())
-                continue
-            if base is None or name not in base.tensors:
-                raise IncompatibleCheckpointsError(f"{a.label} does not save {name!r}: its base is needed to compare")
-            value = _load(base.source, base.tensors[name]).double()
-            module = a.modules.get(name)
-            if module is not None:
-                delta = module.scale * (_load(a.source, module.b).double() @ _load(a.source, module.a).double())
-                value = value + (delta.T if module.fan_in_fan_out else delta)
-            values.append(value)
-        flat = torch.stack([v.reshape(-1) for v in values])
-        squared += torch.cdist(flat, flat).square()
-    return squared.clamp_min(0).sqrt().tolist()

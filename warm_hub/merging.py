@@ -365,8 +365,8 @@ def _plan_adapted(opened, stack, base, weights, dtype, shard_size, token, as_ada
 
 def _write_adapter_output(adapted, ingredients, out: Path, started: float, push_to, private, token) -> MergeResult:
     """`as_adapter`: write the average as one PEFT adapter (with recipe and card), then push it when asked."""
+    from .adapter_output import write_average_adapter
     from .card import write_card
-    from .lora_merge import write_average_adapter
     from .recipe import hash_file
     from .safetensors_io import DTYPES
 
