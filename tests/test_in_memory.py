@@ -14,8 +14,11 @@ if not torch.cuda.is_available():
     # The kernel path runs on the CPU through Triton's interpreter, which must be chosen before Triton loads.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from warm_hub import average_models, average_state_dicts  # noqa: E402
-from warm_hub.averaging import weighted_average_into  # noqa: E402
+from warm_hub import (  # noqa: E402
+    average_models,
+    average_state_dicts,
+    averaging,  # noqa: E402
+)
 from warm_hub.errors import IncompatibleCheckpointsError, InvalidOptionError, NonFiniteWeightsError  # noqa: E402
 
 in_memory = importlib.import_module("warm_hub.in_memory")
@@ -44,7 +47,7 @@ class TinyRewardModel(nn.Module):
 def reference(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     """The engine's CPU averaging, the definition the in-memory API must match bit for bit."""
     out = torch.empty(tensors[0].shape, dtype=tensors[0].dtype)
-    weighted_average_into(out, [t.detach().cpu().contiguous() for t in tensors], weights)
+    averaging._host_average(out, [t.detach().cpu().contiguous() for t in tensors], weights)
     return out
 
 
@@ -91,7 +94,7 @@ def test_dtype_option_changes_only_floating_tensors() -> None:
     assert merged["proj.weight"].dtype == torch.float32
     assert merged["position_ids"].dtype == torch.int64
     expected = torch.empty(merged["proj.weight"].shape)
-    weighted_average_into(expected, [s["proj.weight"] for s in states], [0.5, 0.5])
+    averaging.weighted_average_into(expected, [s["proj.weight"] for s in states], [0.5, 0.5])
     assert torch.equal(merged["proj.weight"], expected)
 
 
@@ -167,23 +170,24 @@ def interpreted_kernels(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     wa = importlib.import_module("warm_hub.kernels.weighted_average")
     if not wa._interpreted():
         pytest.skip("warm_hub.kernels was imported before TRITON_INTERPRET was set")
-    monkeypatch.setattr(in_memory, "_use_kernels", lambda device: True)
+    monkeypatch.setattr(averaging, "_triton_device", lambda device: True)
     # Small enough that the larger tensors take a single launch and the rest the grouped one.
-    monkeypatch.setattr(in_memory, "SINGLE_LAUNCH_MIN_NUMEL", 1000)
+    monkeypatch.setattr(averaging, "SINGLE_LAUNCH_MIN_NUMEL", 1000)
     calls = {"single": 0, "grouped": 0}
-    single, grouped = wa.weighted_average, wa.grouped_weighted_average
+    single = wa.weighted_average
 
     def count_single(*args, **kwargs):
         calls["single"] += 1
         return single(*args, **kwargs)
 
-    def count_grouped(*args, **kwargs):
-        calls["grouped"] += 1
-        return grouped(*args, **kwargs)
+    class CountedPlan(wa.GroupedPlan):
+        def run(self, *args, **kwargs):
+            calls["grouped"] += 1
+            return super().run(*args, **kwargs)
 
     kernels = importlib.import_module("warm_hub.kernels")
     monkeypatch.setattr(kernels, "weighted_average", count_single)
-    monkeypatch.setattr(kernels, "grouped_weighted_average", count_grouped)
+    monkeypatch.setattr(kernels, "GroupedPlan", CountedPlan)
     return calls
 
 
