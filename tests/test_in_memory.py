@@ -119,7 +119,7 @@ def test_non_finite_values_are_an_error_naming_the_tensor() -> None:
     a, b = TinyRewardModel(0).state_dict(), TinyRewardModel(1).state_dict()
     b = dict(b, **{"norm.weight": b["norm.weight"].clone()})
     b["norm.weight"][3] = math.nan
-    with pytest.raises(NonFiniteWeightsError, match=r"'norm.weight' holds NaN or Inf values in input\(s\) 1"):
+    with pytest.raises(NonFiniteWeightsError, match=r"'norm.weight' holds NaN or Inf values in input 1"):
         average_state_dicts([a, b])
     kept = average_state_dicts([a, b], allow_non_finite=True)
     assert kept["norm.weight"][3].isnan() and not kept["norm.weight"][:3].isnan().any()
