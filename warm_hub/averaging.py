@@ -214,6 +214,7 @@ def torch_weighted_average(
     weights: Sequence[float],
     *,
     nonfinite: torch.Tensor | None = None,
+    host_check: bool | None = None,
 ) -> bool:
     """The torch implementation (any device, any float dtype, fp8 included): blocks of fp32 accumulation.
 
@@ -221,18 +222,25 @@ def torch_weighted_average(
     CPU a block stays in cache and its finiteness is read on the host; on a GPU the blocks are large, the check
     stays on the device (`nonfinite`) and nothing waits for it.
 
+    Args:
+        out, inputs, weights: as `weighted_average_into` (flat tensors).
+        nonfinite: as `queue_average`'s (int32, one element), set nonzero when a value is NaN/Inf.
+        host_check: read the check on the host after each block (default on the CPU) or leave it on the device
+            (default elsewhere).
+
     Returns:
-        Whether every value is finite (always True on a GPU, where `nonfinite` receives the answer).
+        Whether every value is finite (always True with the device check, where `nonfinite` has the answer).
     """
     acc_dtype = accumulator_dtype(out.dtype, *(x.dtype for x in inputs))
     limit, inclusive = _overflow_limit(out.dtype)
-    on_host = out.device.type == "cpu"
+    on_device = out.device.type != "cpu"
+    on_host = not on_device if host_check is None else host_check
     n = out.numel()
     block = CPU_BLOCK if on_host else CUDA_BLOCK
     needs_widening = any(x.dtype in FP8_DTYPES for x in inputs[1:])
-    if on_host:
-        scratch = _host_scratch(acc_dtype, "acc")
-        widened = _host_scratch(acc_dtype, "widen") if needs_widening else None
+    if not on_device:
+        scratch = _host_scratch(acc_dtype, "acc", max(block, CPU_BLOCK))
+        widened = _host_scratch(acc_dtype, "widen", max(block, CPU_BLOCK)) if needs_widening else None
     else:
         # From the caching allocator, on the current stream: safe whatever stream the next call runs on.
         scratch = torch.empty(min(n, block), dtype=acc_dtype, device=out.device)
@@ -304,11 +312,11 @@ def _canonical_non_finite(target: torch.Tensor, acc: torch.Tensor, limit: float,
             bits.masked_fill_(over & (acc < 0), 0xFC)
 
 
-def _host_scratch(dtype: torch.dtype, role: str) -> torch.Tensor:
+def _host_scratch(dtype: torch.dtype, role: str, size: int) -> torch.Tensor:
     key = f"{role}-{dtype}"
     scratch = getattr(_scratch, key, None)
-    if scratch is None:
-        scratch = torch.empty(CPU_BLOCK, dtype=dtype)
+    if scratch is None or scratch.numel() < size:
+        scratch = torch.empty(size, dtype=dtype)
         setattr(_scratch, key, scratch)
     return scratch
 
