@@ -238,3 +238,35 @@ def test_gpu_result_is_the_cpu_result() -> None:
     average_models(gpu_models, weights=[1, 2, 3, 4], out=gpu_models[0])
     for name, tensor in gpu_models[0].state_dict().items():
         assert_bits_equal(tensor, cpu[name], name)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_torch_loop_never_writes_its_inputs() -> None:
+    # fp64 and fp8 take the torch loop on a GPU; fp64 is its accumulator dtype, where `x.to(dtype)` aliases x.
+    for dtype in (torch.float64, torch.float8_e4m3fn):
+        states = [{"w": (torch.randn(300, 200) * 10).to(dtype).cuda()} for _ in range(2)]
+        before = [s["w"].clone() for s in states]
+        merged = average_state_dicts(states, weights=[0.3, 0.7])
+        for state, kept in zip(states, before, strict=True):
+            assert torch.equal(state["w"].view(torch.uint8), kept.view(torch.uint8))
+        cpu = average_state_dicts([{"w": x.cpu()} for x in before], weights=[0.3, 0.7])
+        assert torch.equal(merged["w"].cpu().view(torch.uint8), cpu["w"].view(torch.uint8))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_a_model_spread_over_two_gpus_is_averaged_per_device() -> None:
+    models = [TinyRewardModel(seed) for seed in range(3)]
+    cpu = average_state_dicts([m.state_dict() for m in models])
+    placed = []
+    for model in models:
+        state = model.state_dict()
+        placed.append({k: v.to(f"cuda:{i % 2}") for i, (k, v) in enumerate(state.items())})
+    merged = average_state_dicts(placed)
+    for index, (name, tensor) in enumerate(merged.items()):
+        assert tensor.device == torch.device(f"cuda:{index % 2}")
+        assert_bits_equal(tensor, cpu[name], name)
+    placed[2]["norm.weight"][0] = math.nan
+    with pytest.raises(NonFiniteWeightsError, match="'norm.weight' holds NaN or Inf values in input 2"):
+        average_state_dicts(placed)

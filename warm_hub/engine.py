@@ -356,12 +356,12 @@ class MergeEngine:
                         inputs[i] = buffer[:nbytes]
                         copies.append((i, source, info.file, offset, buffer, nbytes))
                 if copies:
-                    self._read_copies(slot.key, copies)
+                    self._read_copies(slot.key, copies, to_device=item.tensor.average)
                 ready.put((item, slot, inputs))
         finally:
             ready.put(_END)
 
-    def _read_copies(self, key: int, copies: list[tuple]) -> None:
+    def _read_copies(self, key: int, copies: list[tuple], *, to_device: bool) -> None:
         """Read the copied inputs of a chunk in parallel, local files in parts; on a GPU each ingredient's
         host-to-device copy is queued the moment its last part has landed, while the others still read."""
         parts = []
@@ -379,7 +379,7 @@ class MergeEngine:
 
         def read(index: int, source: IngredientSource, file: str, offset: int, view: memoryview) -> None:
             source.read_into(file, offset, view)
-            if self._cuda is not None:
+            if self._cuda is not None and to_device:  # copied tensors (not averaged) stay on the host
                 with lock:
                     remaining[index] -= 1
                     last = remaining[index] == 0
