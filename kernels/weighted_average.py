@@ -153,7 +153,7 @@ def _grouped_kernel(
     table, ws, scratch_ptr, map_start, flags_ptr,
     FIRST: tl.constexpr, IN_DTYPES: tl.constexpr, OUT_DTYPE: tl.constexpr, N_TOTAL: tl.constexpr,
     HAS_ACC: tl.constexpr, TO_SCRATCH: tl.constexpr, ALIGNED: tl.constexpr, CHECK: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, SIZES_16: tl.constexpr = False,
 ):  # fmt: skip
     # `table` holds one row per tensor, [N_TOTAL input addresses, output address, numel, first block], then
     # one entry per block naming its row. Each program averages one block of one tensor.
@@ -162,6 +162,10 @@ def _grouped_kernel(
     row = table + row_index * (N_TOTAL + 3)
     flag_ptr = flags_ptr + row_index
     numel = tl.load(row + N_TOTAL + 1)
+    if SIZES_16:
+        # The host checked that every tensor of this launch has a multiple of 16 elements: the tail's mask is then
+        # constant over 16 elements, so its loads can be vectors too.
+        numel = tl.multiple_of(numel, 16)
     start = (pid - tl.load(row + N_TOTAL + 2)) * BLOCK
     offs = start + tl.arange(0, BLOCK)
     # Partial sums between passes are laid out by block, so the scratch buffer needs no table of its own.
@@ -322,15 +326,15 @@ class GroupedPlan:
         self.outs = results
         self.count = count
         self.device = next(iter(devices)) if devices else None
-        # One launch per dtype signature and alignment: one view at an odd address must not make the loads of
-        # every other tensor scalar.
+        # One launch per dtype signature and alignment: one view at an odd address (or one tensor of an odd size)
+        # must not make the loads of every other tensor scalar.
         launches: dict[tuple, list[tuple[int, list[torch.Tensor], torch.Tensor]]] = {}
         for index, (group, result) in enumerate(zip(groups, results, strict=True)):
             if result.numel() > 0:
                 aligned = all(x.data_ptr() % 16 == 0 for x in [*group, result])
-                key = (*(x.dtype for x in group), result.dtype, aligned)
+                key = (*(x.dtype for x in group), result.dtype, aligned, aligned and result.numel() % 16 == 0)
                 launches.setdefault(key, []).append((index, group, result))
-        self._launches = [_Launch(items, aligned=key[-1]) for key, items in launches.items()]
+        self._launches = [_Launch(items, aligned=key[-2], sizes_16=key[-1]) for key, items in launches.items()]
 
     def run(self, weights: Sequence[float], *, nonfinite: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Average again with `weights` (N finite floats) into `outs`, on the current stream.
@@ -495,11 +499,13 @@ def _check_flags(flags: torch.Tensor, count: int, device: torch.device | None) -
 class _Launch:
     """One grouped launch made ready: the table on the device and the launch parameters."""
 
-    def __init__(self, items: list[tuple[int, list[torch.Tensor], torch.Tensor]], *, aligned: bool) -> None:
+    def __init__(
+        self, items: list[tuple[int, list[torch.Tensor], torch.Tensor]], *, aligned: bool, sizes_16: bool
+    ) -> None:
         _, inputs0, out0 = items[0]
         self.device = out0.device
         self.count = len(inputs0)
-        self.aligned = aligned
+        self.aligned, self.sizes_16 = aligned, sizes_16
         self.block, self.num_warps = _grouped_config(
             max(x.element_size() for x in [*inputs0, out0]), [out.numel() for _, _, out in items]
         )
@@ -572,6 +578,7 @@ class _Launch:
                     ALIGNED=self.aligned,
                     CHECK=last and flags is not None,
                     BLOCK=self.block,
+                    SIZES_16=self.sizes_16,
                     num_warps=self.num_warps,
                     enable_fp_fusion=False,
                 )

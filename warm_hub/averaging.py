@@ -166,9 +166,6 @@ def _triton_serves(out: torch.Tensor, inputs: Sequence[torch.Tensor]) -> bool:
     return out.dtype in SUPPORTED_DTYPES and all(x.dtype in SUPPORTED_DTYPES for x in inputs)
 
 
-def kernel_supports(out: torch.Tensor, inputs: Sequence[torch.Tensor]) -> bool:
-    """Whether the fused Triton kernel serves these tensors (CUDA; bf16, fp16 or fp32 only)."""
-    return _triton_serves(out, inputs)
 
 
 def _host_average(out: torch.Tensor, inputs: Sequence[torch.Tensor], weights: Sequence[float]) -> bool:

@@ -60,6 +60,11 @@ def test_arithmetic_is_fma_without_flush_to_zero_and_nothing_spills(codegen: dic
     assert report["spill_bytes"] == 0
 
 
+def test_sizes_known_multiples_of_16_vectorise_the_masked_tail(codegen: dict) -> None:
+    # The tail block's loads become vectors too: twice the vector loads of the plain aligned grouped kernel.
+    assert codegen["grouped_sizes_16"]["vector_loads"] > codegen["grouped_aligned"]["vector_loads"]
+
+
 def test_fp16_store_rounds_to_nearest_even(codegen: dict) -> None:
     ops = codegen["mixed_to_fp16"]["ptx_ops"]
     assert any(op.startswith("cvt.rn.f16") for op in ops), ops

@@ -323,7 +323,8 @@ def test_grouped_matches_reference(count: int, device: torch.device) -> None:
 def test_grouped_is_one_launch_per_dtype_signature(device: torch.device, monkeypatch: pytest.MonkeyPatch) -> None:
     counter = _LaunchCounter(wa._grouped_kernel)
     monkeypatch.setattr(wa, "_grouped_kernel", counter)
-    groups = [make_inputs(n, 3, [BF16], device, seed=n) for n in range(1, 60)]
+    # Sizes multiple of 16 (as nearly every tensor of a model): one launch, its tails vectorised too.
+    groups = [make_inputs(n, 3, [BF16], device, seed=n) for n in range(16, 16 * 60, 16)]
     outs = grouped_weighted_average(groups, [0.3, 0.3, 0.4])
     assert counter.launches == 1
     for group, out in zip(groups, outs, strict=True):
@@ -543,18 +544,23 @@ def test_one_unaligned_tensor_keeps_the_others_vectorised(device: torch.device, 
     class Spy:
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                launches.append(kwargs["ALIGNED"])
+                launches.append((kwargs["ALIGNED"], kwargs["SIZES_16"]))
                 return real[grid](*args, **kwargs)
 
             return launch
 
     real = wa._grouped_kernel
     monkeypatch.setattr(wa, "_grouped_kernel", Spy())
-    aligned = [make_inputs(n, 2, [BF16], device, seed=n) for n in (64, 128, 300)]
+    aligned = [make_inputs(n, 2, [BF16], device, seed=n) for n in (64, 128, 304)]
     odd = [b[1:] for b in make_inputs(101, 2, [BF16], device, seed=3)]
-    outs = grouped_weighted_average([*aligned, odd], [0.25, 0.75])
-    assert sorted(launches) == [False, True]  # the aligned tensors keep their vector loads
-    for group, out in zip([*aligned, odd], outs, strict=True):
+    odd_size = make_inputs(77, 2, [BF16], device, seed=4)
+    outs = grouped_weighted_average([*aligned, odd, odd_size], [0.25, 0.75])
+    # The aligned tensors keep their vector loads (and their tails too: sizes multiple of 16); the odd ones are
+    # launched apart.
+    assert sorted(launches) == [(False, False), (True, False), (True, True)]
+    aligned.append(odd)
+    aligned.append(odd_size)
+    for group, out in zip(aligned, outs, strict=True):
         assert_same_bits(out, exact_reference(group, [0.25, 0.75], BF16), group, "split by alignment")
 
 
