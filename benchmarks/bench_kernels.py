@@ -174,9 +174,10 @@ class _Bench:
         note = f"{len(shapes)} tensors, {nbytes / (n + 1) / 2**20:.0f} MiB a model"
         api = lambda: grouped_weighted_average(groups, weights, outs=outs)  # noqa: E731
         self.add(case, n, "warm_hub grouped (API)", api, nbytes, note)
-        plans = _prepared_plans(self.wa, groups, outs)
-        ws = self.wa._check_weights(weights, n)
-        self.add(case, n, "warm_hub grouped (prepared)", lambda: [p.run(ws) for p in plans], nbytes, "table reused")
+        from warm_hub.kernels import GroupedPlan
+
+        plan = GroupedPlan(groups, outs=outs)
+        self.add(case, n, "warm_hub GroupedPlan.run", lambda: plan.run(weights), nbytes, "plan reused")
         eager = lambda: [_eager_average(g, weights, o) for g, o in zip(groups, outs, strict=True)]  # noqa: E731
         self.add(case, n, "torch fp32 add_ loop per tensor", eager, nbytes)
         _empty_cache(self.device)
@@ -195,13 +196,6 @@ def _fused_expression(inputs: list[torch.Tensor], weights: list[float]) -> torch
     for x, w in zip(inputs[1:], weights[1:], strict=True):
         acc = acc + x.float() * w
     return acc.to(inputs[0].dtype)
-
-
-def _prepared_plans(wa, groups: list[list[torch.Tensor]], outs: list[torch.Tensor]) -> list:
-    by_dtype: dict[tuple, list] = {}
-    for group, out in zip(groups, outs, strict=True):
-        by_dtype.setdefault((*(x.dtype for x in group), out.dtype), []).append((group, out))
-    return [wa._GroupedPlan(items) for items in by_dtype.values()]
 
 
 def _empty_cache(device: torch.device) -> None:

@@ -200,6 +200,12 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="where to build checkpoints (default: a temp dir)")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON")
     parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="a folder holding another version's `warm_hub` package (e.g. from `git archive`): its merge is timed"
+        " in the same round-robin, to compare two versions in one run",
+    )
+    parser.add_argument(
         "--mergekit",
         type=Path,
         help="a `mergekit-yaml` executable (its own environment): also time mergekit's linear merge, end to end",
@@ -234,6 +240,18 @@ def main() -> None:
                 "read": ([py, "-c", PLAIN_READ, *files], None),
                 "merge": (merge_args, out),
                 "naive": ([py, "-c", NAIVE, *files, str(work / "naive.safetensors")], work / "naive.safetensors"),
+                **(
+                    {
+                        "baseline": (
+                            [py, "-c", f"import sys; sys.path.insert(0, {str(args.baseline)!r})\n{MERGE}",
+                             "merge", *map(str, members), "--out", str(work / "baseline-out"), "--overwrite",
+                             "--device", args.device, "--max-memory", args.max_memory],
+                            work / "baseline-out",
+                        )  # fmt: skip
+                    }
+                    if args.baseline
+                    else {}
+                ),
                 **(
                     {
                         "mergekit": (
@@ -285,6 +303,17 @@ def main() -> None:
                     "mergekit_peak_rss_MB": figures["mergekit"]["peak_rss"] / 1e6,
                 }
                 if args.mergekit
+                else {}
+            ),
+            **(
+                {
+                    "baseline_merge_s": figures["baseline"]["work_best"],
+                    "baseline_over_merge: best / medians": (
+                        f"{figures['baseline']['work_best'] / merge:.3f} / "
+                        f"{figures['baseline']['work_median'] / figures['merge']['work_median']:.3f}"
+                    ),
+                }
+                if args.baseline
                 else {}
             ),
             "import_baseline_rss_MB": figures["startup"]["peak_rss"] / 1e6,

@@ -8,8 +8,9 @@ from __future__ import annotations
 from warm_hub.kernels.weighted_average import (
     MAX_INPUTS_PER_PASS,
     SUPPORTED_DTYPES,
+    GroupedPlan,
     grouped_weighted_average,
     weighted_average,
 )
 
-__all__ = ["MAX_INPUTS_PER_PASS", "SUPPORTED_DTYPES", "grouped_weighted_average", "weighted_average"]
+__all__ = ["MAX_INPUTS_PER_PASS", "SUPPORTED_DTYPES", "GroupedPlan", "grouped_weighted_average", "weighted_average"]

@@ -110,6 +110,23 @@ static void accumulate4(float *restrict acc, const void *const *x, int dtype, co
 #endif
 }
 
+/* Rewrite the NaNs of a stored fp32 or fp16 block as the canonical quiet NaN (0x7fc00000, 0x7e00), as the Triton
+ * kernel and the torch path write them: a NaN's payload after fma or a conversion differs between CPU and GPU.
+ * Only blocks that hold a non-finite value come here, so the store loops stay as they were. */
+static void canonical_nans(void *out, int dtype, const float *restrict acc, size_t n) {
+    size_t j;
+    for (j = 0; j < n; j++) {
+        if ((f32_bits(acc[j]) & 0x7fffffffu) <= 0x7f800000u) continue;
+        if (dtype == F32) {
+            uint32_t nan = 0x7fc00000u;
+            memcpy((uint32_t *)out + j, &nan, sizeof nan);
+        } else {
+            uint16_t nan = 0x7e00u;
+            memcpy((uint16_t *)out + j, &nan, sizeof nan);
+        }
+    }
+}
+
 /* Store acc rounded to the output dtype; returns nonzero if any stored value is NaN or infinite. */
 MULTIVERSION
 static uint32_t store(void *out, int dtype, const float *restrict acc, size_t n) {
@@ -143,6 +160,7 @@ static uint32_t store(void *out, int dtype, const float *restrict acc, size_t n)
         }
     }
 #endif
+    if (bad && dtype != BF16) canonical_nans(out, dtype, acc, n);
     return bad;
 }
 

@@ -47,21 +47,41 @@ def _load_fp32(ptr, offs, mask, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _round_store(ptr, offs, acc, mask, MASKED: tl.constexpr):
+def _round_store(ptr, offs, acc, mask, flag_ptr, MASKED: tl.constexpr, CHECK: tl.constexpr):
+    # NaN is written as one canonical quiet NaN per dtype (0x7FC00000, 0x7FC0, 0x7E00), as the CPU kernel and the
+    # torch path write it: the payload of a NaN after fma, or after `cvt.rn`, differs between CPU and GPU, and the
+    # output must have the same bytes on both, NaNs included (`--allow-non-finite`).
+    is_nan = acc != acc
     if ptr.dtype.element_ty == tl.bfloat16:
         # Round to nearest even on the fp32 bits (add 0x7FFF plus the lowest kept bit, keep the top half):
-        # the interpreter truncates fp32 -> bf16 where the GPU rounds, and this makes both round. NaN is written
-        # as torch writes it (0x7FC0): the addition could carry a low NaN payload into an infinity.
+        # the interpreter truncates fp32 -> bf16 where the GPU rounds, and this makes both round. The canonical
+        # NaN also keeps the addition from carrying a low NaN payload into an infinity.
         bits = acc.to(tl.uint32, bitcast=True)
-        bits = tl.where(acc != acc, 0x7FC00000, bits + 0x7FFF + ((bits >> 16) & 1))
-        value = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
+        bits = tl.where(is_nan, 0x7FC00000, bits + 0x7FFF + ((bits >> 16) & 1))
+        stored = (bits >> 16).to(tl.uint16)
+        value = stored.to(tl.bfloat16, bitcast=True)
+        bad = (stored & 0x7F80) == 0x7F80
+    elif ptr.dtype.element_ty == tl.float16:
         # fp32 -> fp16 is `cvt.rn` (round to nearest even) on the GPU and numpy's RNE cast in the interpreter.
-        value = acc.to(ptr.dtype.element_ty)
+        stored = tl.where(is_nan, 0x7E00, acc.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32))
+        stored = stored.to(tl.uint16)
+        value = stored.to(tl.float16, bitcast=True)
+        bad = (stored & 0x7C00) == 0x7C00
+    else:
+        stored = tl.where(is_nan, 0x7FC00000, acc.to(tl.uint32, bitcast=True))
+        value = stored.to(tl.float32, bitcast=True)
+        bad = (stored & 0x7F800000) == 0x7F800000
     if MASKED:
         tl.store(ptr + offs, value, mask=mask)
     else:
         tl.store(ptr + offs, value)
+    if CHECK:
+        # The finiteness check fused into the store: one flag per tensor, set (never cleared) by any program
+        # that stored a NaN or an infinity. No extra pass over the output, no extra launch.
+        if MASKED:
+            bad = bad & mask
+        if tl.max(bad.to(tl.int32), axis=0) > 0:
+            tl.store(flag_ptr, 1)
 
 
 @triton.jit
@@ -76,17 +96,21 @@ def _add_input(acc, w, x, FIRST_TERM: tl.constexpr):
 
 
 @triton.jit
-def _average_block(xs, ws, acc_ptr, out_ptr, offs, mask, HAS_ACC: tl.constexpr, MASKED: tl.constexpr):
+def _average_block(
+    xs, ws, acc_ptr, out_ptr, offs, mask, flag_ptr, HAS_ACC: tl.constexpr, MASKED: tl.constexpr, CHECK: tl.constexpr
+):
     acc = tl.zeros(offs.shape, dtype=tl.float32)
     if HAS_ACC:
         acc = _load_fp32(acc_ptr, offs, mask, MASKED)
     for i in tl.static_range(len(xs)):
         acc = _add_input(acc, ws[i], _load_fp32(xs[i], offs, mask, MASKED), i == 0 and not HAS_ACC)
-    _round_store(out_ptr, offs, acc, mask, MASKED)
+    _round_store(out_ptr, offs, acc, mask, flag_ptr, MASKED, CHECK)
 
 
 @triton.jit
-def _weighted_average_kernel(xs, ws, acc_ptr, out_ptr, n, HAS_ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _weighted_average_kernel(
+    xs, ws, acc_ptr, out_ptr, n, flag_ptr, HAS_ACC: tl.constexpr, CHECK: tl.constexpr, BLOCK: tl.constexpr
+):
     # int64 from the start: a tensor may hold more than 2**31 elements.
     start = tl.program_id(0).to(tl.int64) * BLOCK
     offs = start + tl.arange(0, BLOCK)
@@ -94,16 +118,17 @@ def _weighted_average_kernel(xs, ws, acc_ptr, out_ptr, n, HAS_ACC: tl.constexpr,
     # Only the last block can be partial. The others take the unmasked branch, whose loads compile to 16-byte
     # vector loads; a mask of unknown alignment would force scalar loads on every block.
     if start + BLOCK <= n:
-        _average_block(xs, ws, acc_ptr, out_ptr, offs, mask, HAS_ACC, False)
+        _average_block(xs, ws, acc_ptr, out_ptr, offs, mask, flag_ptr, HAS_ACC, False, CHECK)
     else:
-        _average_block(xs, ws, acc_ptr, out_ptr, offs, mask, HAS_ACC, True)
+        _average_block(xs, ws, acc_ptr, out_ptr, offs, mask, flag_ptr, HAS_ACC, True, CHECK)
 
 
 @triton.jit
 def _grouped_block(
-    row, ws, scratch_ptr, offs, acc_offs, mask,
+    row, ws, scratch_ptr, offs, acc_offs, mask, flag_ptr,
     FIRST: tl.constexpr, IN_DTYPES: tl.constexpr, OUT_DTYPE: tl.constexpr, N_TOTAL: tl.constexpr,
     HAS_ACC: tl.constexpr, TO_SCRATCH: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr,
+    CHECK: tl.constexpr,
 ):  # fmt: skip
     acc = tl.zeros(offs.shape, dtype=tl.float32)
     if HAS_ACC:
@@ -115,36 +140,43 @@ def _grouped_block(
             ptr = tl.multiple_of(ptr, 16)
         acc = _add_input(acc, ws[i], _load_fp32(ptr, offs, mask, MASKED), i == 0 and not HAS_ACC)
     if TO_SCRATCH:
-        _round_store(scratch_ptr, acc_offs, acc, mask, MASKED)
+        _round_store(scratch_ptr, acc_offs, acc, mask, flag_ptr, MASKED, False)
     else:
         out_ptr = tl.load(row + N_TOTAL).to(tl.pointer_type(OUT_DTYPE))
         if ALIGNED:
             out_ptr = tl.multiple_of(out_ptr, 16)
-        _round_store(out_ptr, offs, acc, mask, MASKED)
+        _round_store(out_ptr, offs, acc, mask, flag_ptr, MASKED, CHECK)
 
 
 @triton.jit
 def _grouped_kernel(
-    table, ws, scratch_ptr, map_start,
+    table, ws, scratch_ptr, map_start, flags_ptr,
     FIRST: tl.constexpr, IN_DTYPES: tl.constexpr, OUT_DTYPE: tl.constexpr, N_TOTAL: tl.constexpr,
-    HAS_ACC: tl.constexpr, TO_SCRATCH: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_ACC: tl.constexpr, TO_SCRATCH: tl.constexpr, ALIGNED: tl.constexpr, CHECK: tl.constexpr,
+    BLOCK: tl.constexpr, SIZES_16: tl.constexpr = False,
 ):  # fmt: skip
     # `table` holds one row per tensor, [N_TOTAL input addresses, output address, numel, first block], then
     # one entry per block naming its row. Each program averages one block of one tensor.
     pid = tl.program_id(0).to(tl.int64)
-    row = table + tl.load(table + map_start + pid) * (N_TOTAL + 3)
+    row_index = tl.load(table + map_start + pid)
+    row = table + row_index * (N_TOTAL + 3)
+    flag_ptr = flags_ptr + row_index
     numel = tl.load(row + N_TOTAL + 1)
+    if SIZES_16:
+        # The host checked that every tensor of this launch has a multiple of 16 elements: the tail's mask is then
+        # constant over 16 elements, so its loads can be vectors too.
+        numel = tl.multiple_of(numel, 16)
     start = (pid - tl.load(row + N_TOTAL + 2)) * BLOCK
     offs = start + tl.arange(0, BLOCK)
     # Partial sums between passes are laid out by block, so the scratch buffer needs no table of its own.
     acc_offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     if start + BLOCK <= numel:
-        _grouped_block(row, ws, scratch_ptr, offs, acc_offs, mask, FIRST, IN_DTYPES, OUT_DTYPE, N_TOTAL,
-                       HAS_ACC, TO_SCRATCH, ALIGNED, False)  # fmt: skip
+        _grouped_block(row, ws, scratch_ptr, offs, acc_offs, mask, flag_ptr, FIRST, IN_DTYPES, OUT_DTYPE,
+                       N_TOTAL, HAS_ACC, TO_SCRATCH, ALIGNED, False, CHECK)  # fmt: skip
     else:
-        _grouped_block(row, ws, scratch_ptr, offs, acc_offs, mask, FIRST, IN_DTYPES, OUT_DTYPE, N_TOTAL,
-                       HAS_ACC, TO_SCRATCH, ALIGNED, True)  # fmt: skip
+        _grouped_block(row, ws, scratch_ptr, offs, acc_offs, mask, flag_ptr, FIRST, IN_DTYPES, OUT_DTYPE,
+                       N_TOTAL, HAS_ACC, TO_SCRATCH, ALIGNED, True, CHECK)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -158,6 +190,7 @@ def weighted_average(
     *,
     out: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
+    nonfinite: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Average `inputs` with `weights` in one pass: `out = round(sum_i weights[i] * inputs[i])`.
 
@@ -173,6 +206,8 @@ def weighted_average(
         out: where to write the result: contiguous, the inputs' shape and device. It may be one of the inputs
             (in-place) but must not partly overlap any of them.
         out_dtype: dtype of a new output when `out` is not given; default: the dtype of `inputs[0]`.
+        nonfinite: an int32 tensor of one element on the inputs' device, set to 1 (never cleared) when a stored
+            value is NaN or infinite; the check is fused into the kernel's store, and nothing waits for it.
 
     Returns:
         `out`, or a new tensor when `out` is None.
@@ -194,8 +229,10 @@ def weighted_average(
     problem = _overlap_problem([(out, inputs)])
     if problem:
         raise ValueError(problem)
+    if nonfinite is not None:
+        _check_flags(nonfinite, 1, out.device)
     if out.numel() > 0:
-        _launch_single(inputs, ws, out)
+        _launch_single(inputs, ws, out, nonfinite)
     return out
 
 
@@ -205,6 +242,7 @@ def grouped_weighted_average(
     *,
     outs: Sequence[torch.Tensor] | None = None,
     out_dtype: torch.dtype | None = None,
+    nonfinite: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     """Average many tensors with the same weights in one launch: `outs[g] = round(sum_i weights[i] * groups[g][i])`.
 
@@ -219,6 +257,8 @@ def grouped_weighted_average(
         outs: G output tensors, one per group (contiguous, the group's shape and device); each may be one of its
             group's inputs (in-place) but must not overlap any other tensor.
         out_dtype: dtype of new outputs when `outs` is not given; default: each group's first input dtype.
+        nonfinite: an int32 tensor of G elements on the groups' device; element g is set to 1 (never cleared)
+            when output g holds a NaN or an infinity.
 
     Returns:
         The G outputs, in group order.
@@ -227,34 +267,91 @@ def grouped_weighted_average(
         TypeError, InvalidOptionError, ValueError: as `weighted_average`, with the group named.
     """
     groups = [list(group) for group in groups]
-    ws = _check_weights(weights, len(weights))
+    count = len(_check_weights(weights, len(weights)))
     for index, group in enumerate(groups):
-        if len(group) != len(ws):
-            raise InvalidOptionError(f"group {index} has {len(group)} tensors for {len(ws)} weights")
-        _check_tensors(group, f"group {index}: input")
-    if groups:
+        if len(group) != count:
+            raise InvalidOptionError(f"group {index} has {len(group)} tensors for {count} weights")
+    plan = GroupedPlan(groups, outs=outs, out_dtype=out_dtype)
+    plan.run(weights, nonfinite=nonfinite)
+    return plan.outs
+
+
+class GroupedPlan:
+    """A grouped average made ready once and run many times: validation, launch split and device tables kept.
+
+    For a loop that averages the same parameters again and again (an RL process keeping a WARM average of its
+    reward models), `run` costs a launch or two and a few microseconds of Python, where
+    `grouped_weighted_average` checks and lays out every tensor again. The plan holds the tensors' addresses:
+    it stays valid while they are not reallocated (in-place updates such as an optimizer step are fine).
+
+    Args:
+        groups, outs, out_dtype: as `grouped_weighted_average`.
+
+    Raises:
+        TypeError, InvalidOptionError, ValueError: as `grouped_weighted_average`.
+
+    Example:
+        >>> plan = GroupedPlan([[a.weight, b.weight] for a, b in zip(layers_a, layers_b)])
+        >>> for step in range(steps):
+        ...     plan.run([1 - lam, lam])  # writes plan.outs in place
+    """
+
+    def __init__(
+        self,
+        groups: Sequence[Sequence[torch.Tensor]],
+        *,
+        outs: Sequence[torch.Tensor] | None = None,
+        out_dtype: torch.dtype | None = None,
+    ) -> None:
+        groups = [list(group) for group in groups]
+        count = len(groups[0]) if groups else 0
+        for index, group in enumerate(groups):
+            if len(group) != count or count == 0:
+                raise InvalidOptionError(f"group {index} has {len(group)} tensors; every group needs {count}")
+            _check_tensors(group, f"group {index}: input")
         devices = {group[0].device for group in groups}
         if len(devices) > 1:
             raise ValueError(f"every group must be on one device, got {sorted(map(str, devices))}")
-    if outs is None:
-        results = [_prepare_out(None, out_dtype, group, f"group {i}: out") for i, group in enumerate(groups)]
-    else:
-        outs = list(outs)
-        if len(outs) != len(groups):
-            raise InvalidOptionError(f"{len(outs)} outputs given for {len(groups)} groups")
-        pairs = enumerate(zip(outs, groups, strict=True))
-        results = [_prepare_out(o, out_dtype, group, f"group {i}: out") for i, (o, group) in pairs]
-    problem = _overlap_problem(list(zip(results, groups, strict=True)))
-    if problem:
-        raise ValueError(problem)
-    launches: dict[tuple[torch.dtype, ...], list[tuple[list[torch.Tensor], torch.Tensor]]] = {}
-    for group, result in zip(groups, results, strict=True):
-        if result.numel() > 0:
-            key = (*(x.dtype for x in group), result.dtype)
-            launches.setdefault(key, []).append((group, result))
-    for items in launches.values():
-        _GroupedPlan(items).run(ws)
-    return results
+        if outs is None:
+            results = [_prepare_out(None, out_dtype, group, f"group {i}: out") for i, group in enumerate(groups)]
+        else:
+            outs = list(outs)
+            if len(outs) != len(groups):
+                raise InvalidOptionError(f"{len(outs)} outputs given for {len(groups)} groups")
+            pairs = enumerate(zip(outs, groups, strict=True))
+            results = [_prepare_out(o, out_dtype, group, f"group {i}: out") for i, (o, group) in pairs]
+        problem = _overlap_problem(list(zip(results, groups, strict=True)))
+        if problem:
+            raise ValueError(problem)
+        self.outs = results
+        self.count = count
+        self.device = next(iter(devices)) if devices else None
+        # One launch per dtype signature and alignment: one view at an odd address (or one tensor of an odd size)
+        # must not make the loads of every other tensor scalar.
+        launches: dict[tuple, list[tuple[int, list[torch.Tensor], torch.Tensor]]] = {}
+        for index, (group, result) in enumerate(zip(groups, results, strict=True)):
+            if result.numel() > 0:
+                aligned = all(x.data_ptr() % 16 == 0 for x in [*group, result])
+                key = (*(x.dtype for x in group), result.dtype, aligned, aligned and result.numel() % 16 == 0)
+                launches.setdefault(key, []).append((index, group, result))
+        self._launches = [_Launch(items, aligned=key[-2], sizes_16=key[-1]) for key, items in launches.items()]
+
+    def run(self, weights: Sequence[float], *, nonfinite: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Average again with `weights` (N finite floats) into `outs`, on the current stream.
+
+        Args:
+            weights: one weight per tensor of a group.
+            nonfinite: as `grouped_weighted_average`'s (int32, one element per group).
+
+        Returns:
+            `outs`.
+        """
+        ws = _check_weights(weights, self.count) if self.count else ()
+        if nonfinite is not None:
+            _check_flags(nonfinite, len(self.outs), self.device)
+        for launch in self._launches:
+            launch.run(ws, nonfinite)
+        return self.outs
 
 
 def _check_weights(weights: Sequence[float], count: int) -> tuple[float, ...]:
@@ -365,7 +462,9 @@ def _passes(count: int) -> list[tuple[int, int]]:
     return [(start, min(start + MAX_INPUTS_PER_PASS, count)) for start in range(0, count, MAX_INPUTS_PER_PASS)]
 
 
-def _launch_single(inputs: list[torch.Tensor], ws: tuple[float, ...], out: torch.Tensor) -> None:
+def _launch_single(
+    inputs: list[torch.Tensor], ws: tuple[float, ...], out: torch.Tensor, nonfinite: torch.Tensor | None
+) -> None:
     n = out.numel()
     block, num_warps = _launch_config(max(x.element_size() for x in [*inputs, out]))
     grid = (triton.cdiv(n, block),)
@@ -380,7 +479,9 @@ def _launch_single(inputs: list[torch.Tensor], ws: tuple[float, ...], out: torch
                 scratch,
                 out if last else scratch,
                 n,
+                out if nonfinite is None else nonfinite,  # never written unless CHECK
                 HAS_ACC=index > 0,
+                CHECK=last and nonfinite is not None,
                 BLOCK=block,
                 num_warps=num_warps,
                 # The arithmetic is explicit (fma or a lone multiply); no contraction should change it.
@@ -388,67 +489,101 @@ def _launch_single(inputs: list[torch.Tensor], ws: tuple[float, ...], out: torch
             )
 
 
-class _GroupedPlan:
-    """One grouped launch made ready: the table on the device and the launch parameters.
+def _check_flags(flags: torch.Tensor, count: int, device: torch.device | None) -> None:
+    if not isinstance(flags, torch.Tensor) or flags.dtype != torch.int32 or flags.numel() != count:
+        raise ValueError(f"nonfinite must be an int32 tensor of {count} element(s)")
+    if not flags.is_contiguous() or (device is not None and flags.device != device):
+        raise ValueError(f"nonfinite must be contiguous and on {device}")
 
-    It stays valid while its tensors stay where they are, so a caller averaging the same tensors again (a loop
-    merging into the same outputs) can keep it and call `run` with new weights, skipping the table build.
-    """
 
-    def __init__(self, items: list[tuple[list[torch.Tensor], torch.Tensor]]) -> None:
-        inputs0, out0 = items[0]
+class _Launch:
+    """One grouped launch made ready: the table on the device and the launch parameters."""
+
+    def __init__(
+        self, items: list[tuple[int, list[torch.Tensor], torch.Tensor]], *, aligned: bool, sizes_16: bool
+    ) -> None:
+        _, inputs0, out0 = items[0]
         self.device = out0.device
         self.count = len(inputs0)
+        self.aligned, self.sizes_16 = aligned, sizes_16
         self.block, self.num_warps = _grouped_config(
-            max(x.element_size() for x in [*inputs0, out0]), [out.numel() for _, out in items]
+            max(x.element_size() for x in [*inputs0, out0]), [out.numel() for _, _, out in items]
         )
         rows: list[int] = []
         blocks_per_row: list[int] = []
         first_block = 0
-        for inputs, out in items:
+        for _, inputs, out in items:
             rows.extend([x.data_ptr() for x in inputs])
             rows.extend((out.data_ptr(), out.numel(), first_block))
             blocks = triton.cdiv(out.numel(), self.block)
             blocks_per_row.append(blocks)
             first_block += blocks
         self.total_blocks = first_block
-        width = self.count + 3
-        addresses = (rows[r + i] for r in range(0, len(rows), width) for i in range(self.count + 1))
-        self.aligned = all(address % 16 == 0 for address in addresses)
         self.map_start = len(rows)
+        # Rows are numbered in launch order; `group_index` maps them back to the caller's group numbers, for the
+        # per-group non-finite flags.
+        self.group_index = torch.tensor([index for index, _, _ in items], dtype=torch.int64)
+        self.identity = bool(torch.equal(self.group_index, torch.arange(len(items))))
         block_map = torch.repeat_interleave(torch.arange(len(items)), torch.tensor(blocks_per_row))
         table = torch.cat([torch.tensor(rows, dtype=torch.int64), block_map])
+        self.table_ready = None
         if self.device.type == "cuda":
-            # Pinned, so the copy is asynchronous; the caching host allocator keeps it alive until the copy ends.
+            # Pinned, so the copy is asynchronous (the caching host allocator keeps the host copy alive until it
+            # ends). It is queued on the stream current now; `run` may be called on another, so it waits for
+            # this event before any kernel reads the table.
             table = table.pin_memory().to(self.device, non_blocking=True)
+            self.group_index = self.group_index.to(self.device)
+            self.table_ready = torch.cuda.Event()
+            self.table_ready.record(torch.cuda.current_stream(self.device))
         self.table = table
         self.passes = _passes(self.count)
         self.scratch = table  # never read unless there are several passes
+        self.flags = table  # never written unless a check is asked for
         if len(self.passes) > 1:
             self.scratch = torch.empty(self.total_blocks * self.block, dtype=torch.float32, device=self.device)
         self.in_dtypes = [_TL_DTYPES[x.dtype] for x in inputs0]
         self.out_dtype = _TL_DTYPES[out0.dtype]
 
-    def run(self, ws: tuple[float, ...]) -> None:
+    def run(self, ws: tuple[float, ...], nonfinite: torch.Tensor | None) -> None:
         assert len(ws) == self.count
-        with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+        flags = None
+        if nonfinite is not None:
+            if self.identity and nonfinite.numel() == self.group_index.numel():
+                flags = nonfinite
+            else:
+                flags = torch.zeros(self.group_index.numel(), dtype=torch.int32, device=self.device)
+        cuda = self.device.type == "cuda"
+        with torch.cuda.device(self.device) if cuda else contextlib.nullcontext():
+            if cuda:
+                stream = torch.cuda.current_stream(self.device)
+                stream.wait_event(self.table_ready)
+                # The table and scratch were allocated on the stream that built the plan; tell the caching
+                # allocator this one uses them too, so they are not reused under a running kernel.
+                self.table.record_stream(stream)
+                self.scratch.record_stream(stream)
             for index, (first, stop) in enumerate(self.passes):
+                last = index == len(self.passes) - 1
                 _grouped_kernel[(self.total_blocks,)](
                     self.table,
                     ws[first:stop],
                     self.scratch,
                     self.map_start,
+                    self.flags if flags is None else flags,
                     FIRST=first,
                     IN_DTYPES=tuple(self.in_dtypes[first:stop]),
                     OUT_DTYPE=self.out_dtype,
                     N_TOTAL=self.count,
                     HAS_ACC=index > 0,
-                    TO_SCRATCH=index < len(self.passes) - 1,
+                    TO_SCRATCH=not last,
                     ALIGNED=self.aligned,
+                    CHECK=last and flags is not None,
                     BLOCK=self.block,
+                    SIZES_16=self.sizes_16,
                     num_warps=self.num_warps,
                     enable_fp_fusion=False,
                 )
+            if flags is not None and flags is not nonfinite:
+                nonfinite.index_put_((self.group_index,), flags, accumulate=True)
 
 
 def _grouped_config(itemsize: int, numels: list[int]) -> tuple[int, int]:

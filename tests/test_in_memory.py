@@ -14,8 +14,11 @@ if not torch.cuda.is_available():
     # The kernel path runs on the CPU through Triton's interpreter, which must be chosen before Triton loads.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from warm_hub import average_models, average_state_dicts  # noqa: E402
-from warm_hub.averaging import weighted_average_into  # noqa: E402
+from warm_hub import (  # noqa: E402
+    average_models,
+    average_state_dicts,
+    averaging,  # noqa: E402
+)
 from warm_hub.errors import IncompatibleCheckpointsError, InvalidOptionError, NonFiniteWeightsError  # noqa: E402
 
 in_memory = importlib.import_module("warm_hub.in_memory")
@@ -44,7 +47,7 @@ class TinyRewardModel(nn.Module):
 def reference(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     """The engine's CPU averaging, the definition the in-memory API must match bit for bit."""
     out = torch.empty(tensors[0].shape, dtype=tensors[0].dtype)
-    weighted_average_into(out, [t.detach().cpu().contiguous() for t in tensors], weights)
+    averaging._host_average(out, [t.detach().cpu().contiguous() for t in tensors], weights)
     return out
 
 
@@ -91,7 +94,7 @@ def test_dtype_option_changes_only_floating_tensors() -> None:
     assert merged["proj.weight"].dtype == torch.float32
     assert merged["position_ids"].dtype == torch.int64
     expected = torch.empty(merged["proj.weight"].shape)
-    weighted_average_into(expected, [s["proj.weight"] for s in states], [0.5, 0.5])
+    averaging.weighted_average_into(expected, [s["proj.weight"] for s in states], [0.5, 0.5])
     assert torch.equal(merged["proj.weight"], expected)
 
 
@@ -116,7 +119,7 @@ def test_non_finite_values_are_an_error_naming_the_tensor() -> None:
     a, b = TinyRewardModel(0).state_dict(), TinyRewardModel(1).state_dict()
     b = dict(b, **{"norm.weight": b["norm.weight"].clone()})
     b["norm.weight"][3] = math.nan
-    with pytest.raises(NonFiniteWeightsError, match=r"'norm.weight' holds NaN or Inf values in input\(s\) 1"):
+    with pytest.raises(NonFiniteWeightsError, match=r"'norm.weight' holds NaN or Inf values in input 1"):
         average_state_dicts([a, b])
     kept = average_state_dicts([a, b], allow_non_finite=True)
     assert kept["norm.weight"][3].isnan() and not kept["norm.weight"][:3].isnan().any()
@@ -167,23 +170,24 @@ def interpreted_kernels(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     wa = importlib.import_module("warm_hub.kernels.weighted_average")
     if not wa._interpreted():
         pytest.skip("warm_hub.kernels was imported before TRITON_INTERPRET was set")
-    monkeypatch.setattr(in_memory, "_use_kernels", lambda device: True)
+    monkeypatch.setattr(averaging, "_triton_device", lambda device: True)
     # Small enough that the larger tensors take a single launch and the rest the grouped one.
-    monkeypatch.setattr(in_memory, "SINGLE_LAUNCH_MIN_NUMEL", 1000)
+    monkeypatch.setattr(averaging, "SINGLE_LAUNCH_MIN_NUMEL", 1000)
     calls = {"single": 0, "grouped": 0}
-    single, grouped = wa.weighted_average, wa.grouped_weighted_average
+    single = wa.weighted_average
 
     def count_single(*args, **kwargs):
         calls["single"] += 1
         return single(*args, **kwargs)
 
-    def count_grouped(*args, **kwargs):
-        calls["grouped"] += 1
-        return grouped(*args, **kwargs)
+    class CountedPlan(wa.GroupedPlan):
+        def run(self, *args, **kwargs):
+            calls["grouped"] += 1
+            return super().run(*args, **kwargs)
 
     kernels = importlib.import_module("warm_hub.kernels")
     monkeypatch.setattr(kernels, "weighted_average", count_single)
-    monkeypatch.setattr(kernels, "grouped_weighted_average", count_grouped)
+    monkeypatch.setattr(kernels, "GroupedPlan", CountedPlan)
     return calls
 
 
@@ -234,3 +238,35 @@ def test_gpu_result_is_the_cpu_result() -> None:
     average_models(gpu_models, weights=[1, 2, 3, 4], out=gpu_models[0])
     for name, tensor in gpu_models[0].state_dict().items():
         assert_bits_equal(tensor, cpu[name], name)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_torch_loop_never_writes_its_inputs() -> None:
+    # fp64 and fp8 take the torch loop on a GPU; fp64 is its accumulator dtype, where `x.to(dtype)` aliases x.
+    for dtype in (torch.float64, torch.float8_e4m3fn):
+        states = [{"w": (torch.randn(300, 200) * 10).to(dtype).cuda()} for _ in range(2)]
+        before = [s["w"].clone() for s in states]
+        merged = average_state_dicts(states, weights=[0.3, 0.7])
+        for state, kept in zip(states, before, strict=True):
+            assert torch.equal(state["w"].view(torch.uint8), kept.view(torch.uint8))
+        cpu = average_state_dicts([{"w": x.cpu()} for x in before], weights=[0.3, 0.7])
+        assert torch.equal(merged["w"].cpu().view(torch.uint8), cpu["w"].view(torch.uint8))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_a_model_spread_over_two_gpus_is_averaged_per_device() -> None:
+    models = [TinyRewardModel(seed) for seed in range(3)]
+    cpu = average_state_dicts([m.state_dict() for m in models])
+    placed = []
+    for model in models:
+        state = model.state_dict()
+        placed.append({k: v.to(f"cuda:{i % 2}") for i, (k, v) in enumerate(state.items())})
+    merged = average_state_dicts(placed)
+    for index, (name, tensor) in enumerate(merged.items()):
+        assert tensor.device == torch.device(f"cuda:{index % 2}")
+        assert_bits_equal(tensor, cpu[name], name)
+    placed[2]["norm.weight"][0] = math.nan
+    with pytest.raises(NonFiniteWeightsError, match="'norm.weight' holds NaN or Inf values in input 2"):
+        average_state_dicts(placed)

@@ -278,7 +278,7 @@ def evaluate_models(
         document.add("ensemble", "ensemble", results(mean), members=members)
 
     def averaged(names: list[str], weights: list[float]) -> dict[str, tuple[list[float], list[float]]]:
-        load_average(template.model, [states[n] for n in names], weights)
+        load_average(template.model, [states[n] for n in names], weights, labels=list(names))
         return {s.name: split_rewards(template, s) for s in splits}
 
     if weight_average:
@@ -330,20 +330,22 @@ def _greedy_soup(members, rewards, held_out, averaged, score=_results) -> tuple[
     return soup, best
 
 
-def load_average(model, states: list[dict], weights: list[float]) -> None:
-    """Load Σ w_i · state_i into `model`, averaging as `warm-hub merge` does (fp32 accumulation, one rounding)."""
+def load_average(model, states: list[dict], weights: list[float], labels: list[str] | None = None) -> None:
+    """Load Σ w_i · state_i into `model` through the averaging dispatcher `warm-hub merge` uses: same bits, and
+    the same refusal of NaN/Inf (`NonFiniteWeightsError`, naming the tensor and the member, from `labels`)."""
     import torch
 
-    from .averaging import weighted_average_into
+    from .averaging import average_tensors, non_finite_error
 
-    averaged = {}
-    for key, first in states[0].items():
-        if not first.is_floating_point():
-            averaged[key] = first
-            continue
-        out = torch.empty_like(first)
-        weighted_average_into(out, [s[key].contiguous() for s in states], weights)
-        averaged[key] = out
+    averaged = dict(states[0])
+    names = [key for key, first in states[0].items() if first.is_floating_point()]
+    outs = [torch.empty_like(states[0][key]) for key in names]
+    bad = average_tensors(outs, [[s[key] for s in states] for key in names], weights)
+    if bad:
+        key = names[bad[0]]
+        labels = labels or [f"member {i}" for i in range(len(states))]
+        raise non_finite_error(key, [s[key] for s in states], labels, outs[bad[0]].dtype, keep=None, widen=None)
+    averaged.update(zip(names, outs, strict=True))
     model.load_state_dict(averaged)
 
 

@@ -1,26 +1,20 @@
 """Average models that are already in memory (state dicts or `nn.Module`s), for merging inside a training or RL loop.
 
-CUDA tensors go through the fused Triton kernels (one grouped launch for the many small tensors, one launch per
-large tensor); CPU tensors through the engine's fp32 torch path. Both give the same bits as `warm-hub merge`.
+The averaging itself is `warm_hub.averaging.average_tensors`, the dispatcher the merge engine uses too (Triton on
+GPUs, one grouped launch for the many small tensors; the C kernel or torch on the CPU), so the bits are those of
+`warm-hub merge`. Tensors may be spread over several devices.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Mapping, Sequence
 
 import torch
 
-from .averaging import weighted_average_into
-from .errors import IncompatibleCheckpointsError, NonFiniteWeightsError
+from .averaging import average_tensors, non_finite_error
+from .errors import IncompatibleCheckpointsError
 from .plan import normalize_weights
-
-# Tensors from this many elements get a launch of their own; smaller ones share one grouped launch, where a
-# launch each would cost more than the work (a 16M-element bf16 average takes ~20 us on an H100).
-SINGLE_LAUNCH_MIN_NUMEL = 1 << 24
-
-_KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def average_state_dicts(
@@ -170,58 +164,20 @@ def _average_into(
     *,
     allow_non_finite: bool,
 ) -> None:
-    grouped: list[int] = []
-    checked: list[int] = []  # averaged by a kernel, checked for NaN/Inf at the end, in one pass
+    averaged = []
     for index, (name, group, out) in enumerate(zip(names, groups, outs, strict=True)):
-        if not out.is_floating_point():
-            _copy_agreeing(name, group, out)
-        elif _use_kernels(out.device) and out.is_contiguous() and _kernel_dtypes(group, out):
-            if out.numel() >= SINGLE_LAUNCH_MIN_NUMEL:
-                from warm_hub.kernels import weighted_average
-
-                weighted_average([x.contiguous() for x in group], weights, out=out)
-            else:
-                grouped.append(index)
-            checked.append(index)
+        if out.is_floating_point():
+            averaged.append(index)
         else:
-            result = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype, device=out.device)
-            finite = _torch_average(result, [x.contiguous() for x in group], weights)
-            if result is not out:
-                out.copy_(result)
-            if not finite and not allow_non_finite:
-                _raise_non_finite(name, group)
-    if grouped:
-        from warm_hub.kernels import grouped_weighted_average
-
-        grouped_weighted_average(
-            [[x.contiguous() for x in groups[i]] for i in grouped], weights, outs=[outs[i] for i in grouped]
-        )
-    if checked and not allow_non_finite:
-        bad = _first_non_finite([outs[i] for i in checked])
-        if bad is not None:
-            _raise_non_finite(names[checked[bad]], groups[checked[bad]])
-
-
-def _use_kernels(device: torch.device) -> bool:
-    """Whether tensors on `device` go through the Triton kernels (a seam the tests use with the interpreter)."""
-    return device.type == "cuda"
-
-
-def _kernel_dtypes(group: list[torch.Tensor], out: torch.Tensor) -> bool:
-    return out.dtype in _KERNEL_DTYPES and all(x.dtype in _KERNEL_DTYPES for x in group)
-
-
-def _torch_average(out: torch.Tensor, inputs: list[torch.Tensor], weights: list[float]) -> bool:
-    if out.device.type == "cpu":
-        return weighted_average_into(out, inputs, weights)
-    # fp64 or fp8 on a GPU: the kernels take bf16/fp16/fp32 only. Same arithmetic as the CPU path.
-    acc_dtype = torch.float64 if torch.float64 in (out.dtype, *(x.dtype for x in inputs)) else torch.float32
-    acc = inputs[0].to(acc_dtype)
-    acc.mul_(weights[0])
-    for x, w in zip(inputs[1:], weights[1:], strict=True):
-        acc.add_(x, alpha=w)
-    out.copy_(acc)
-    return bool(torch.isfinite(out).all())
+            _copy_agreeing(name, group, out)
+    bad = average_tensors([outs[i] for i in averaged], [groups[i] for i in averaged], weights)
+    if bad and not allow_non_finite:
+        index = averaged[bad[0]]
+        labels = [f"input {i}" for i in range(len(groups[index]))]
+        raise non_finite_error(
+            names[index], groups[index], labels, outs[index].dtype,
+            keep="allow_non_finite=True keeps them", widen="pass a wider dtype",
+        )  # fmt: skip
 
 
 def _copy_agreeing(name: str, group: list[torch.Tensor], out: torch.Tensor) -> None:
@@ -234,32 +190,3 @@ def _copy_agreeing(name: str, group: list[torch.Tensor], out: torch.Tensor) -> N
             )
     if out.data_ptr() != first.data_ptr():
         out.copy_(first)
-
-
-def _first_non_finite(outs: list[torch.Tensor]) -> int | None:
-    """Index of the first tensor holding NaN/Inf, with one device sync for the whole list."""
-    by_dtype: dict[torch.dtype, list[int]] = {}
-    for index, out in enumerate(outs):
-        if out.numel():
-            by_dtype.setdefault(out.dtype, []).append(index)
-    order: list[int] = []
-    maxima: list[torch.Tensor] = []
-    for indices in by_dtype.values():
-        # One multi-tensor launch per dtype, not one reduction per tensor: NaN and Inf both show in the max |x|.
-        norms = torch._foreach_norm([outs[i] for i in indices], math.inf)
-        order.extend(indices)
-        maxima.extend(norm.float() for norm in norms)
-    if not maxima:
-        return None
-    finite = torch.isfinite(torch.stack(maxima)).tolist()
-    bad = [index for index, ok in zip(order, finite, strict=True) if not ok]
-    return min(bad) if bad else None
-
-
-def _raise_non_finite(name: str, group: list[torch.Tensor]) -> None:
-    culprits = [str(index) for index, x in enumerate(group) if not bool(torch.isfinite(x).all())]
-    if culprits:
-        problem = f"tensor {name!r} holds NaN or Inf values in input(s) {', '.join(culprits)}"
-    else:
-        problem = f"the average of tensor {name!r} overflows its dtype"
-    raise NonFiniteWeightsError(f"{problem} (allow_non_finite=True keeps them)")

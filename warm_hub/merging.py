@@ -99,11 +99,17 @@ def resolve_device(device: str):
     try:
         resolved = torch.device(device)
     except RuntimeError:
-        raise InvalidOptionError(f"unknown device {device!r} (use auto, cpu or cuda)") from None
+        raise InvalidOptionError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise InvalidOptionError("--device cuda was asked for, but no CUDA device is available")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise InvalidOptionError(
+            f"--device {device}: this machine has {count} CUDA device{'s' if count != 1 else ''}"
+            f" (cuda:0 to cuda:{count - 1})"
+        )
     if resolved.type not in ("cpu", "cuda"):
-        raise InvalidOptionError(f"device {device!r} is not supported (use auto, cpu or cuda)")
+        raise InvalidOptionError(f"device {device!r} is not supported (use auto, cpu, cuda or cuda:N)")
     return resolved
 
 

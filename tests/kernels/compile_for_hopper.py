@@ -67,6 +67,7 @@ def main() -> int:
             os.unlink(handle.name)
         spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", log.stdout + log.stderr)]
         return {
+            "vector_loads": len(re.findall(r"\bld\.global(?:\.\w+)*\.v4", ptx)),
             "ptx_ops": sorted(set(re.findall(r"\b((?:ld|st)\.global[\w.]*|fma[\w.]*|cvt[\w.]*|shr[\w.]*)", ptx))),
             "ftz": ".ftz" in ptx,
             "spill_bytes": sum(spills),
@@ -74,28 +75,29 @@ def main() -> int:
             "ttir": compiled.asm["ttir"],
         }
 
-    def single(dtypes, out_dtype, count, n=1 << 20, offset=0):
+    def single(dtypes, out_dtype, count, n=1 << 20, offset=0, check=False):
         xs = tuple(torch.empty(n + offset, dtype=dtypes[i % len(dtypes)])[offset:] for i in range(count))
         out = torch.empty(n, dtype=out_dtype)
         block, num_warps = wa._launch_config(max(x.element_size() for x in (*xs, out)))
         return compile_kernel(
-            wa._weighted_average_kernel, xs, (1.0 / count,) * count, out, out, n,
-            HAS_ACC=False, BLOCK=block, num_warps=num_warps, enable_fp_fusion=False,
+            wa._weighted_average_kernel, xs, (1.0 / count,) * count, out, out, n, torch.empty(1, dtype=torch.int32),
+            HAS_ACC=False, CHECK=check, BLOCK=block, num_warps=num_warps, enable_fp_fusion=False,
         )  # fmt: skip
 
-    def grouped(count, aligned):
+    def grouped(count, aligned, check=False, sizes_16=False):
         table = torch.empty(64, dtype=torch.int64)
         block, num_warps = wa._launch_config(2)
         return compile_kernel(
-            wa._grouped_kernel, table, (1.0 / count,) * count, table, 40,
-            FIRST=0, IN_DTYPES=(tl.bfloat16,) * count, OUT_DTYPE=tl.bfloat16, N_TOTAL=count,
-            HAS_ACC=False, TO_SCRATCH=False, ALIGNED=aligned, BLOCK=block, num_warps=num_warps, enable_fp_fusion=False,
+            wa._grouped_kernel, table, (1.0 / count,) * count, table, 40, torch.empty(8, dtype=torch.int32),
+            FIRST=0, IN_DTYPES=(tl.bfloat16,) * count, OUT_DTYPE=tl.bfloat16, N_TOTAL=count, HAS_ACC=False,
+            TO_SCRATCH=False, ALIGNED=aligned, CHECK=check, BLOCK=block, SIZES_16=sizes_16, num_warps=num_warps,
+            enable_fp_fusion=False,
         )  # fmt: skip
 
     def weight_key(weights):
         xs = (torch.empty(64, dtype=torch.bfloat16),) * len(weights)
         _, specialization, _, _ = specialize(
-            wa._weighted_average_kernel, xs, weights, xs[0], xs[0], 64, HAS_ACC=False, BLOCK=4096
+            wa._weighted_average_kernel, xs, weights, xs[0], xs[0], 64, xs[0], HAS_ACC=False, CHECK=False, BLOCK=4096
         )
         return repr(specialization)
 
@@ -107,6 +109,10 @@ def main() -> int:
         "unaligned": single([torch.bfloat16], torch.bfloat16, 2, offset=1),
         "grouped_aligned": grouped(4, True),
         "grouped_unaligned": grouped(4, False),
+        "bf16x2_checked": single([torch.bfloat16], torch.bfloat16, 2, check=True),
+        "fp16x4_checked": single([torch.float16], torch.float16, 4, check=True),
+        "grouped_checked": grouped(4, True, check=True),
+        "grouped_sizes_16": grouped(4, True, sizes_16=True),
         "same_key_for_other_weights": weight_key((0.5, 0.5)) == weight_key((0.123, 0.877)),
     }
     print(json.dumps(report))

@@ -32,7 +32,13 @@ def _vector_loads(ops: list[str]) -> list[str]:
     return [op for op in ops if op.startswith("ld.global.v4")]
 
 
-@pytest.mark.parametrize("case", ["bf16x2", "fp32x16", "bf16x16", "mixed_to_fp16", "grouped_aligned"])
+ALIGNED_CASES = [
+    "bf16x2", "fp32x16", "bf16x16", "mixed_to_fp16", "grouped_aligned", "bf16x2_checked", "fp16x4_checked",
+    "grouped_checked",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", ALIGNED_CASES)
 def test_aligned_body_uses_16_byte_vector_loads_and_stores(codegen: dict, case: str) -> None:
     ops = codegen[case]["ptx_ops"]
     assert _vector_loads(ops), f"{case}: no 16-byte vector loads in {ops}"
@@ -45,13 +51,18 @@ def test_unaligned_tensors_fall_back_to_scalar_loads(codegen: dict, case: str) -
     assert not _vector_loads(codegen[case]["ptx_ops"]), codegen[case]["ptx_ops"]
 
 
-@pytest.mark.parametrize("case", ["bf16x2", "fp32x16", "bf16x16", "mixed_to_fp16", "grouped_aligned"])
+@pytest.mark.parametrize("case", ALIGNED_CASES)
 def test_arithmetic_is_fma_without_flush_to_zero_and_nothing_spills(codegen: dict, case: str) -> None:
     report = codegen[case]
     assert "fma.rn.f32" in report["ptx_ops"], report["ptx_ops"]
     assert not report["ftz"], "subnormals would be flushed to zero"
     assert report["ptxas_ran"]
     assert report["spill_bytes"] == 0
+
+
+def test_sizes_known_multiples_of_16_vectorise_the_masked_tail(codegen: dict) -> None:
+    # The tail block's loads become vectors too: twice the vector loads of the plain aligned grouped kernel.
+    assert codegen["grouped_sizes_16"]["vector_loads"] > codegen["grouped_aligned"]["vector_loads"]
 
 
 def test_fp16_store_rounds_to_nearest_even(codegen: dict) -> None:

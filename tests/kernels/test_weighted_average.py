@@ -323,7 +323,8 @@ def test_grouped_matches_reference(count: int, device: torch.device) -> None:
 def test_grouped_is_one_launch_per_dtype_signature(device: torch.device, monkeypatch: pytest.MonkeyPatch) -> None:
     counter = _LaunchCounter(wa._grouped_kernel)
     monkeypatch.setattr(wa, "_grouped_kernel", counter)
-    groups = [make_inputs(n, 3, [BF16], device, seed=n) for n in range(1, 60)]
+    # Sizes multiple of 16 (as nearly every tensor of a model): one launch, its tails vectorised too.
+    groups = [make_inputs(n, 3, [BF16], device, seed=n) for n in range(16, 16 * 60, 16)]
     outs = grouped_weighted_average(groups, [0.3, 0.3, 0.4])
     assert counter.launches == 1
     for group, out in zip(groups, outs, strict=True):
@@ -501,3 +502,112 @@ def test_more_than_2_to_the_31_elements() -> None:
         window = [x[start : start + 5000] for x in inputs]
         expected = exact_reference(window, [0.25, 0.75], FP16)
         assert_same_bits(result[start : start + 5000], expected, window, f"window at {start}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fused finiteness flags, the public grouped plan, alignment per launch
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_nonfinite_flag_is_fused_into_the_store(small_blocks: int, device: torch.device) -> None:
+    inputs = make_inputs(5000, 3, [BF16, FP32], device, seed=21)
+    flag = torch.zeros(1, dtype=torch.int32, device=device)
+    weighted_average(inputs, [0.2, 0.3, 0.5], nonfinite=flag)
+    assert flag.item() == 0
+    inputs[1][4321] = math.inf  # in the last, partial block
+    out = weighted_average(inputs, [0.2, 0.3, 0.5], nonfinite=flag)
+    assert flag.item() == 1 and out[4321].isinf()
+    # Overflow of the output dtype shows too, not only non-finite inputs.
+    big = [torch.full((300,), 60000.0, device=device)] * 2
+    flag.zero_()
+    weighted_average(big, [0.6, 0.6], out_dtype=FP16, nonfinite=flag)
+    assert flag.item() == 1
+    with pytest.raises(ValueError, match="nonfinite must be an int32 tensor of 1"):
+        weighted_average(inputs, [0.2, 0.3, 0.5], nonfinite=torch.zeros(2, dtype=torch.int32, device=device))
+
+
+def test_grouped_flags_name_the_group(small_blocks: int, device: torch.device) -> None:
+    groups = [make_inputs(n, 2, [BF16], device, seed=n) for n in (7, 300, 1000, 5)]
+    groups += [make_inputs(64, 2, [FP32], device, seed=64)]  # another signature: another launch, same flags
+    groups[2][1][999] = math.nan
+    groups[4][0][3] = -math.inf
+    flags = torch.zeros(len(groups), dtype=torch.int32, device=device)
+    outs = grouped_weighted_average(groups, [0.5, 0.5], nonfinite=flags)
+    assert (flags != 0).tolist() == [False, False, True, False, True]
+    for group, out in zip(groups[:2], outs[:2], strict=True):
+        assert_same_bits(out, exact_reference(group, [0.5, 0.5], BF16), group, "finite groups")
+
+
+def test_one_unaligned_tensor_keeps_the_others_vectorised(device: torch.device, monkeypatch) -> None:
+    launches = []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((kwargs["ALIGNED"], kwargs["SIZES_16"]))
+                return real[grid](*args, **kwargs)
+
+            return launch
+
+    real = wa._grouped_kernel
+    monkeypatch.setattr(wa, "_grouped_kernel", Spy())
+    aligned = [make_inputs(n, 2, [BF16], device, seed=n) for n in (64, 128, 304)]
+    odd = [b[1:] for b in make_inputs(101, 2, [BF16], device, seed=3)]
+    odd_size = make_inputs(77, 2, [BF16], device, seed=4)
+    outs = grouped_weighted_average([*aligned, odd, odd_size], [0.25, 0.75])
+    # The aligned tensors keep their vector loads (and their tails too: sizes multiple of 16); the odd ones are
+    # launched apart.
+    assert sorted(launches) == [(False, False), (True, False), (True, True)]
+    aligned.append(odd)
+    aligned.append(odd_size)
+    for group, out in zip(aligned, outs, strict=True):
+        assert_same_bits(out, exact_reference(group, [0.25, 0.75], BF16), group, "split by alignment")
+
+
+def test_grouped_plan_reruns_with_new_weights(small_blocks: int, device: torch.device) -> None:
+    groups = [make_inputs(n, 3, [BF16, FP32], device, seed=n) for n in (3, 100, 777)]
+    plan = wa.GroupedPlan(groups)
+    for weights in ([0.2, 0.3, 0.5], [1.0, 0.0, 0.0], [0.1, 0.1, 0.8]):
+        outs = plan.run(weights)
+        assert outs is plan.outs
+        for group, out in zip(groups, outs, strict=True):
+            assert_same_bits(out, exact_reference(group, weights, BF16), group, f"plan with {weights}")
+    groups[1][0].add_(1.0)  # in-place updates of the inputs (an optimizer step) are seen by the next run
+    plan.run([0.5, 0.25, 0.25])
+    assert_same_bits(plan.outs[1], exact_reference(groups[1], [0.5, 0.25, 0.25], BF16), groups[1], "updated")
+
+
+@pytest.mark.gpu
+def test_grouped_plan_built_on_one_stream_runs_on_another() -> None:
+    # The table's copy is queued on the building stream behind a long sleep: a run on another stream that did
+    # not wait for it would read a table that is not there yet.
+    device = torch.device("cuda")
+    groups = [make_inputs(n, 2, [BF16], device, seed=n) for n in (100, 3000)]
+    builder, runner = torch.cuda.Stream(), torch.cuda.Stream()
+    builder.wait_stream(torch.cuda.current_stream())
+    runner.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(builder):
+        torch.cuda._sleep(200_000_000)
+        plan = wa.GroupedPlan(groups)
+    with torch.cuda.stream(runner):
+        outs = plan.run([0.5, 0.5])
+    runner.synchronize()
+    for group, out in zip(groups, outs, strict=True):
+        assert_same_bits(out, exact_reference(group, [0.5, 0.5], BF16), group, "plan across streams")
+
+
+@pytest.mark.gpu
+def test_grouped_plan_run_costs_microseconds() -> None:
+    import time
+
+    device = torch.device("cuda")
+    groups = [make_inputs(768, 2, [BF16], device, seed=n) for n in range(500)]
+    plan = wa.GroupedPlan(groups)
+    plan.run([0.5, 0.5])
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(100):
+        plan.run([0.3, 0.7])
+    per_call = (time.perf_counter() - started) / 100
+    torch.cuda.synchronize()
+    assert per_call < 300e-6, f"{per_call * 1e6:.0f} us of host time per run"

@@ -31,10 +31,9 @@ def parse_weights(text: str | None) -> list[float] | None:
 )
 @click.option(
     "--device",
-    type=click.Choice(["auto", "cpu", "cuda"]),
     default="auto",
     show_default=True,
-    help="Where to average; auto picks CUDA when present.",
+    help="Where to average: auto (CUDA when present), cpu, cuda or cuda:N.",
 )
 @click.option("--max-memory", default="512MB", show_default=True, help="Budget for the chunk buffers.")
 @click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard.")
