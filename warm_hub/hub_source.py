@@ -149,6 +149,10 @@ class HubSource(IngredientSource):
         reference = parse_reference(text)
         return cls(reference.repo_id, revision=reference.revision, token=token, **kwargs)
 
+    def open_files_needed(self) -> int:
+        # Weights complete in the local cache are read from there, each file kept open until the merge ends.
+        return sum(name.endswith(".safetensors") for name in self._sizes) + 8
+
     def label_choices(self) -> list[str]:
         # The same repo at two revisions: tell them apart by commit.
         return [self.repo_id, f"{self.repo_id}@{self.revision[:12]}", f"{self.repo_id}@{self.revision}"]
