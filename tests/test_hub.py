@@ -11,9 +11,10 @@ import yaml
 
 import warm_hub
 import warm_hub.hub_source as hub_source
+import warm_hub.range_reader as range_reader
 from warm_hub.errors import CheckpointFormatError, InvalidOptionError, PickleCheckpointError, SourceNotFoundError
 from warm_hub.hub import HubAccessError, HubOfflineError, HubSource, HubTransferError, parse_reference
-from warm_hub.sources import open_source
+from warm_hub.source_factory import open_source
 from warm_hub.testing.checkpoints import make_members
 
 merge = warm_hub.merge
@@ -36,9 +37,9 @@ def local_merge(members, tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture
 def fast_retries(monkeypatch):
-    monkeypatch.setattr(hub_source, "BACKOFF_BASE", 0.01)
-    monkeypatch.setattr(hub_source, "BACKOFF_MAX", 0.05)
-    monkeypatch.setattr(hub_source, "MAX_RETRIES", 3)
+    monkeypatch.setattr(range_reader, "BACKOFF_BASE", 0.01)
+    monkeypatch.setattr(range_reader, "BACKOFF_MAX", 0.05)
+    monkeypatch.setattr(range_reader, "MAX_RETRIES", 3)
 
 
 @pytest.fixture
@@ -136,9 +137,10 @@ def test_branch_tag_and_sha_pin_to_one_commit(hub):
 
 def test_a_commit_pushed_mid_merge_does_not_change_what_is_read(hub, members, local_merge, tmp_path):
     server, shas = hub
-    # Once org/a is pinned, before any of its bytes are read (and again once weights flow), main moves on.
+    # Once every repo is pinned (in parallel), before any of their files are read (and again once weights flow),
+    # main moves on.
     other = make_members(tmp_path / "other", count=2, init_seed=7)
-    server.on_request(lambda: server.upload_folder("org/a", other[0], message="retrain"), path="/api/models/org/c")
+    server.on_request(lambda: server.upload_folder("org/a", other[0], message="retrain"), path="/resolve/")
     server.on_request(lambda: server.upload_folder("org/a", other[1], message="again"), path="/blobs/")
 
     result = merge(["org/a", "org/b", "org/c"], tmp_path / "warm")
@@ -231,7 +233,7 @@ def test_dropped_connections_and_server_errors_are_retried(hub, local_merge, tmp
 
 def test_a_stalled_response_times_out_and_is_retried(hub, local_merge, tmp_path, fast_retries, monkeypatch):
     server, _ = hub
-    monkeypatch.setattr(hub_source, "READ_TIMEOUT", 0.3)
+    monkeypatch.setattr(range_reader, "READ_TIMEOUT", 0.3)
     server.slow(seconds=1.0, times=1, path="/blobs/")
     assert merge(["org/a", "org/b", "org/c"], tmp_path / "warm").shards == local_merge
 
@@ -252,8 +254,8 @@ def test_an_expired_signed_location_is_resolved_again(hub, fast_retries, monkeyp
 
 def test_persistent_failure_is_one_clear_line_and_resume_continues(hub, local_merge, tmp_path, run_cli, monkeypatch):
     server, _ = hub
-    monkeypatch.setattr(hub_source, "BACKOFF_BASE", 0.01)
-    monkeypatch.setattr(hub_source, "MAX_RETRIES", 2)
+    monkeypatch.setattr(range_reader, "BACKOFF_BASE", 0.01)
+    monkeypatch.setattr(range_reader, "MAX_RETRIES", 2)
     monkeypatch.setattr(hub_source, "READ_AHEAD", 1024)
     # The network goes down for good after 20 weight reads.
     served = itertools.count()

@@ -16,7 +16,8 @@ from .checkpoint import Checkpoint, read_checkpoint
 from .configs import config_differences, config_problems, load_config
 from .plan import find_incompatibilities
 from .safetensors_io import is_floating, itemsize, torch_dtype
-from .sources import IngredientSource, open_sources
+from .source_factory import open_sources
+from .sources import IngredientSource
 
 DISTANCE_CHUNK_ELEMENTS = 1024 * 1024
 

@@ -36,7 +36,8 @@ from .journal import JOURNAL_NAME, ResumeJournal
 from .plan import DEFAULT_SHARD_SIZE, MergePlan, plan_merge
 from .recipe import Ingredient, WarmRecipe
 from .sizes import parse_size
-from .sources import SAFE_INDEX, TOKENIZER_FILES, IngredientSource, open_sources
+from .source_factory import open_sources
+from .sources import SAFE_INDEX, TOKENIZER_FILES, IngredientSource
 
 logger = logging.get_logger(__name__)
 
