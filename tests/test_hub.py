@@ -316,15 +316,6 @@ def test_weights_already_in_the_cache_are_not_fetched_again(hub, local_merge, tm
     assert not [r for r in server.requests if r.server == "cdn"]
 
 
-def test_download_strategy_gives_the_same_bytes_and_cleans_up(hub, local_merge, tmp_path, monkeypatch):
-    server, _ = hub
-    monkeypatch.setattr(hub_source, "READ_AHEAD", 1024)  # tensor reads large enough to trigger shard downloads
-    sources = [HubSource(f"org/{name}", strategy="download") for name in "abc"]
-    result = merge(sources, tmp_path / "warm")
-    assert result.shards == local_merge
-    assert all(s._tmp is None for s in sources)  # temporary shards removed on close
-
-
 def test_no_request_ever_sends_a_token_to_the_cdn(hub, tmp_path, monkeypatch):
     server, _ = hub
     server.add_token(TOKEN)
@@ -351,3 +342,89 @@ def test_pickle_error_names_the_repo(hub_server):
 def test_not_found_is_a_source_not_found_error(hub_server):
     with pytest.raises(SourceNotFoundError):
         HubSource("org/nothing")
+
+
+# ---- the ranged-HTTP reader -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def blob(hub_server):
+    """org/blob with one 3 MB weight file of distinct bytes; returns (server, its bytes, an open RangeReader)."""
+    data = bytes(range(256)) * (3 * 4096)
+    sha = hub_server.upload("org/blob", {"model.safetensors": data})
+    reader = range_reader.RangeReader("org/blob", sha, endpoint=hub_server.url, token=None)
+    yield hub_server, data, reader
+    reader.close()
+
+
+def test_reader_resumes_a_part_dropped_mid_stream(blob, fast_retries, monkeypatch):
+    server, data, reader = blob
+    monkeypatch.setattr(range_reader, "PART_SIZE", 1 << 20)
+    server.drop(after_bytes=100_000, times=2, path="/blobs/")
+    buffer = bytearray(len(data) - 10)
+    reader.read("model.safetensors", 10, memoryview(buffer))
+    assert buffer == data[10:]
+    ranges = [r.range for r in server.requests if r.server == "cdn"]
+    # Each dropped part was asked again from the byte where its connection closed, not from its start.
+    assert any(r.startswith(f"bytes={10 + 100_000}-") for r in ranges), ranges
+    assert not server.faults
+
+
+def test_reader_asks_for_the_rest_of_a_short_answer(blob, caplog):
+    server, data, reader = blob
+    server.short(max_bytes=300_000, times=3, path="/blobs/")
+    buffer = bytearray(1_000_000)
+    with caplog.at_level(logging.WARNING):
+        reader.fetch("model.safetensors", 5, memoryview(buffer))
+    assert buffer == data[5:1_000_005]
+    assert len([r for r in server.requests if r.server == "cdn"]) == 4
+    assert "retrying" not in caplog.text  # a valid shorter answer is progress, not a failure
+
+
+def test_reader_refuses_a_server_that_ignores_range(blob):
+    server, data, reader = blob
+    server.ignore_range(times=2, path="/blobs/")
+    head = bytearray(4096)
+    reader.fetch("model.safetensors", 0, memoryview(head))  # the whole file from 0: its start is right
+    assert head == data[:4096]
+    with pytest.raises(HubTransferError, match=r"ignored the Range request.*hf download org/blob"):
+        reader.fetch("model.safetensors", 4096, memoryview(bytearray(4096)))
+
+
+def test_reader_reuses_its_connections(blob, monkeypatch):
+    server, data, reader = blob
+    monkeypatch.setattr(range_reader, "CONNECTIONS", 1)
+    buffer = bytearray(64 * 1024)
+    for i in range(20):
+        reader.read("model.safetensors", i * len(buffer), memoryview(buffer))
+        assert buffer == data[i * len(buffer) : (i + 1) * len(buffer)]
+    assert server.connections == {"hub": 1, "cdn": 1}  # one resolve (then the signed location), one stream
+
+
+def test_pull_strategy_is_read_when_a_source_opens(hub, monkeypatch):
+    monkeypatch.setenv("WARM_HUB_PULL", "download")
+    assert HubSource("org/a").strategy == "download"
+    monkeypatch.setenv("WARM_HUB_PULL", "sideways")
+    with pytest.raises(InvalidOptionError, match="WARM_HUB_PULL"):
+        HubSource("org/a")
+
+
+def test_download_strategy_keeps_at_most_one_shard_per_ingredient_on_disk(hub, local_merge, tmp_path, monkeypatch):
+    import tempfile
+
+    server, _ = hub
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    monkeypatch.setattr(hub_source, "READ_AHEAD", 1024)  # tensor reads large enough to trigger shard downloads
+    most = [0]
+
+    def look() -> None:  # at every weight request, in the server's thread: what the merge holds on disk now
+        for folder in scratch.glob("warm-hub-shards-*"):
+            most[0] = max(most[0], len(list(folder.iterdir())))
+
+    server.on_request(look, path="/blobs/", times=100_000)
+    sources = [HubSource(f"org/{name}", strategy="download") for name in "abc"]
+    assert merge(sources, tmp_path / "warm").shards == local_merge
+    assert most[0] == 1  # org/b has 6 shards: each was deleted before the next one came
+    assert not list(scratch.iterdir())  # no temporary shard (or folder) left

@@ -170,9 +170,8 @@ def merge(
         side = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="warm-side"))
         side.submit(_warm_up_side_files, tqdm_class is None)
         opened = open_sources(sources, stack, token=token)
-        checkpoints = [read_checkpoint(s) for s in opened]
+        checkpoints, configs = _read_metadata(opened)
         labels = [s.label for s in opened]
-        configs = [load_config(s) for s in opened]
         problems = config_problems(labels, configs)
         if problems:
             raise IncompatibleCheckpointsError("cannot merge: " + "; ".join(problems[:3]))
@@ -232,6 +231,19 @@ def merge(
 
         result.url = push_to_hub(out, push_to, private=private, token=token)
     return result
+
+
+def _read_metadata(sources: list[IngredientSource]) -> tuple[list, list[dict | None]]:
+    """Every ingredient's checkpoint (index, headers) and config; Hub ones all at once, as each costs round trips.
+
+    Returns:
+        (checkpoints, configs), in source order; the first failure in that order is raised.
+    """
+    if all(s.is_local for s in sources):
+        return [read_checkpoint(s) for s in sources], [load_config(s) for s in sources]
+    with ThreadPoolExecutor(max_workers=min(2 * len(sources), 16), thread_name_prefix="warm-meta") as pool:
+        futures = [(pool.submit(read_checkpoint, s), pool.submit(load_config, s)) for s in sources]
+        return [c.result() for c, _ in futures], [f.result() for _, f in futures]
 
 
 @contextlib.contextmanager

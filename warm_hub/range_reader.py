@@ -100,10 +100,11 @@ class RangeReader:
             received, error = self._attempt(name, offset + done, view[done:])
             done += received
             if error is None:
-                if done < len(view):
-                    error = HubTransferError(f"{self.repo_id}/{name}: the response ended early")
-                else:
+                if done == len(view):
                     break
+                if received:
+                    continue  # a complete but shorter answer (a server capping its ranges): ask for the rest
+                error = HubTransferError(f"{self.repo_id}/{name}: the response ended early")
             failures = 0 if received else failures + 1
             if failures > MAX_RETRIES:
                 translated = translate(
@@ -198,8 +199,10 @@ class RangeReader:
                 while written < len(view):
                     n = response.readinto(view[written:])
                     if not n:
-                        break  # the body ended early: the caller retries from here
+                        break
                     written += n
+                if response.length and written < len(view):  # the connection closed mid-body: resume from here
+                    return written, _Retry(f"connection closed after {written} bytes")
                 # A 200 to a range from 0 is the whole file: the rest of it is not read, so the connection goes.
                 reusable = response.length == 0 and not response.will_close
                 return written, None

@@ -34,6 +34,11 @@ class HubHTTPServer(ThreadingHTTPServer):
             self.server_address = sock.getsockname()
         self.hub, self.role = hub, role
 
+    def get_request(self):
+        accepted = super().get_request()
+        self.hub.count_connection(self.role)
+        return accepted
+
 
 class _Reply(Exception):
     """Raised inside a handler to answer with an error status (and optional Hub error headers)."""
@@ -81,6 +86,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._status = 0
         self._drop_after: int | None = None
         self._ignore_range = False
+        self._short: int | None = None
         split = urlsplit(self.path)
         self.query = {k: v[-1] for k, v in parse_qs(split.query).items()}
         self.segments = [unquote(s) for s in split.path.split("/")[1:]]
@@ -96,6 +102,8 @@ class _Handler(BaseHTTPRequestHandler):
                     raise _Reply(fault.status, f"injected HTTP {fault.status}")
                 elif fault.kind == "ignore_range":
                     self._ignore_range = True
+                elif fault.kind == "short":
+                    self._short = fault.after_bytes
                 elif fault.kind == "drop" and method in ("GET", "HEAD"):
                     self._drop_after = fault.after_bytes
                 elif fault.kind == "drop":  # the request is lost before the Hub acts on it
@@ -163,7 +171,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send_blob(self, method: str, sha256: str, size: int, headers: dict[str, str | int]) -> None:
         """Send a blob with Range support from its open descriptor (`os.sendfile`: no copy through Python, nothing
-        recomputed per request); honours an injected connection drop or ignored Range."""
+        recomputed per request); honours an injected connection drop, short answer or ignored Range."""
         start, end, status = 0, size - 1, 200
         spec = None if self._ignore_range else self.headers.get("Range")
         if spec:
@@ -177,6 +185,8 @@ class _Handler(BaseHTTPRequestHandler):
                 start, end = max(0, size - int(match.group(2))), size - 1
             if start >= size or start > end:
                 raise _Reply(416, "range not satisfiable", headers={"Content-Range": f"bytes */{size}"})
+            if self._short is not None:  # a server that caps its ranges sends less, and says so
+                end = min(end, start + max(1, self._short) - 1)
             status = 206
             headers = {**headers, "Content-Range": f"bytes {start}-{end}/{size}"}
         count = end - start + 1 if size else 0

@@ -125,12 +125,16 @@ class HubServer(HubState):
         branch: str = "main",
         message: str = "upload",
         delete: tuple[str, ...] = (),
+        link: bool = False,
     ) -> str:
-        """Commit files server-side (no HTTP): path in repo -> bytes or a local file. Returns the commit sha."""
+        """Commit files server-side (no HTTP): path in repo -> bytes or a local file. Returns the commit sha.
+
+        `link`: hard-link local files into the blob store instead of copying them (they must not change after).
+        """
         with self.lock:
             if repo_id not in self.repos:
                 self.create_repo(repo_id)
-            return self.commit(self.repos[repo_id], branch, files, message=message, delete=delete)
+            return self.commit(self.repos[repo_id], branch, files, message=message, delete=delete, link=link)
 
     def upload_folder(self, repo_id: str, folder: str | os.PathLike, **kwargs) -> str:
         """Commit every file of a local folder server-side. Returns the commit sha."""
@@ -168,6 +172,10 @@ class HubServer(HubState):
     def slow(self, *, seconds: float, times: int = 1, path: str = "", method: str | None = None) -> None:
         """Wait `seconds` before answering the next `times` matching requests."""
         self.add_fault(Fault("slow", times, path, method, seconds=seconds))
+
+    def short(self, *, max_bytes: int, times: int = 1, path: str = "", method: str | None = "GET") -> None:
+        """Answer the next `times` matching ranged GETs with at most `max_bytes` (a valid, shorter 206)."""
+        self.add_fault(Fault("short", times, path, method, after_bytes=max_bytes))
 
     def ignore_range(self, *, times: int = 1, path: str = "", method: str | None = "GET") -> None:
         """Answer the next `times` matching GETs with the whole file (HTTP 200), as servers without Range do."""

@@ -63,7 +63,7 @@ class Repo:
 class Fault:
     """An injected fault: applies to the next `times` requests whose path contains `path` (and method matches)."""
 
-    kind: str  # "status", "drop", "slow", "hook" or "ignore_range"
+    kind: str  # "status", "drop", "slow", "hook", "short" or "ignore_range"
     times: int
     path: str = ""
     method: str | None = None
@@ -100,6 +100,7 @@ class HubState:
         cdn_auth_leaks: requests to the CDN that carried an Authorization header (must stay 0).
         cdn_ttl: seconds a signed CDN URL stays valid.
         bytes_sent: blob sha256 -> body bytes sent.
+        connections: TCP connections accepted per origin ("hub", "cdn"): how well clients reuse them.
     """
 
     def __init__(self, root: str | os.PathLike | None = None) -> None:
@@ -115,6 +116,7 @@ class HubState:
         self.cdn_auth_leaks = 0
         self.cdn_ttl = 3600.0
         self.bytes_sent: dict[str, int] = {}
+        self.connections: dict[str, int] = {}  # role ("hub", "cdn") -> TCP connections accepted
         self._secret = os.urandom(16)
         self._counter = 0
         self._blob_fds: dict[str, tuple[int, int]] = {}  # sha256 -> (open fd, size): ranges are served from it
@@ -172,6 +174,10 @@ class HubState:
         with self.lock:
             self.bytes_sent[sha256] = self.bytes_sent.get(sha256, 0) + sent
 
+    def count_connection(self, role: str) -> None:
+        with self.lock:
+            self.connections[role] = self.connections.get(role, 0) + 1
+
     def count_cdn_auth_leak(self) -> None:
         with self.lock:
             self.cdn_auth_leaks += 1
@@ -187,6 +193,7 @@ class HubState:
             self.faults.clear()
             self.requests.clear()
             self.bytes_sent.clear()
+            self.connections.clear()
             self.cdn_auth_leaks = 0
             self.cdn_ttl = 3600.0
 
@@ -201,8 +208,9 @@ class HubState:
             os.close(fd)
         self._blob_fds.clear()
 
-    def store(self, content: bytes | str | os.PathLike) -> tuple[str, int, bytes]:
-        """Store a blob; returns (sha256, size, first 512 bytes)."""
+    def store(self, content: bytes | str | os.PathLike, *, link: bool = False) -> tuple[str, int, bytes]:
+        """Store a blob; returns (sha256, size, first 512 bytes). `link`: hard-link a local file rather than copy
+        it (big benchmark inputs: one copy on disk and in the page cache; the file must not change afterwards)."""
         if isinstance(content, bytes):
             digest = hashlib.sha256(content).hexdigest()
             path = self.blob_path(digest)
@@ -220,7 +228,12 @@ class HubState:
         path = self.blob_path(digest)
         if not path.exists():
             tmp = path.with_suffix(f".{threading.get_ident()}.tmp")
-            shutil.copyfile(source, tmp)
+            try:
+                if not link:
+                    raise OSError("copy asked for")
+                os.link(source, tmp)
+            except OSError:  # another file system, or a copy asked for
+                shutil.copyfile(source, tmp)
             os.replace(tmp, path)
         return digest, source.stat().st_size, head
 
@@ -239,6 +252,7 @@ class HubState:
         message: str,
         delete: tuple[str, ...] = (),
         entries: dict[str, Entry] | None = None,
+        link: bool = False,
     ) -> str:
         with self.lock:
             parent = repo.branches.get(branch)
@@ -246,7 +260,7 @@ class HubState:
             for path in delete:
                 tree = {p: e for p, e in tree.items() if p != path and not p.startswith(path.rstrip("/") + "/")}
             for path, content in files.items():
-                digest, size, sample = self.store(content)
+                digest, size, sample = self.store(content, link=link)
                 tree[path] = self.entry(path, digest, size, sample)
             tree.update(entries or {})
             self._counter += 1
