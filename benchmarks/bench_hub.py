@@ -345,7 +345,7 @@ def main() -> None:
         "merge / yardstick (best, median)",
         "streaming window: input rate / yardstick",
         "fixed costs: before streaming / after",
-        "client CPU, server CPU (% of wall, merge)",
+        "merge: client CPU, server CPU (% of wall), peak RSS",
     )
     rows = []
     for count in counts:
@@ -370,7 +370,10 @@ def main() -> None:
         cells.append(f"{before:.2f} s / {after:.2f} s ({parts} s)")
         best = min(merges, key=lambda r: r["seconds"])
         wall = best["seconds"]
-        cells.append(f"{100 * best['client_cpu'] / wall:.0f}%, {100 * best['server_cpu'] / wall:.0f}%")
+        cells.append(
+            f"{100 * best['client_cpu'] / wall:.0f}%, {100 * best['server_cpu'] / wall:.0f}%,"
+            f" {max(r['peak_rss'] for r in merges) / mb:.0f} MB"
+        )
         rows.append(cells)
         down = min(runs[(count, "download")], key=lambda r: r["seconds"])
         rows[-1][2] += (
