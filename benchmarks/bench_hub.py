@@ -1,8 +1,18 @@
-"""Merging from a Hub: wall time, peak RSS and peak extra disk, for HTTP Range streaming vs one shard at a time.
+"""Merging from a Hub against the speed of the link: `warm-hub merge org/rm0 ...` vs plain parallel downloads.
 
-Serves N checkpoints from the loopback Hub (`warm_hub.testing.hub_server`), runs each merge in a fresh child
-process (its peak RSS from the OS, `ru_maxrss`) while the parent samples the disk used under the child's HF_HOME
-and TMPDIR. Usage: `python benchmarks/bench_hub.py [--members 3] [--repeat 3] [--markdown]`.
+Serves N synthetic bf16 checkpoints from the loopback Hub (`warm_hub.testing.hub_server`, in this process) and
+runs, round-robin, each in a fresh child process (start-up not timed):
+
+- `download`: the yardstick: plain parallel downloads of every weight file with huggingface_hub's HTTP client
+  (`get_session()`, redirects followed, 8 files at a time as `hf download` does), bodies read and dropped.
+- `link`: the same downloads with `http.client` received straight into a buffer: what the link gives at most.
+- `merge`: `warm_hub.merge(repo_ids, out)` from a cold cache, and its parts (from the progress bar's life):
+  fixed costs before the first chunk, the streaming window (its input rate), and what follows it.
+- `fixed`: the fixed costs alone: pinning every repo, index + headers + config, tokenizer files, card look-ups.
+
+For each run it records the client's CPU time (child) and the server's (this process), and the load average.
+Usage: `python benchmarks/bench_hub.py [--members 2,4,8] [--shard-mb 50] [--shards 4] [--repeat 3] [--markdown]`.
+`--pull download` measures `WARM_HUB_PULL=download` as well.
 """
 
 from __future__ import annotations
@@ -12,174 +22,364 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
+ROW = 4096  # elements per tensor row (bf16): tensors are ROW wide, like a 4096-hidden model's matrices
+TENSOR_BYTES = 32 * 1024 * 1024  # the largest tensor: 32 MiB (4096 x 4096 bf16)
 
-def make_members(root: Path, count: int) -> list[Path]:
-    """Llama-style bf16 reward models of ~70 MB each (2 shards), sharing an init as WARM members do."""
+
+def _block(nbytes: int) -> bytes:
+    """Finite bf16 values (N(0, 0.02)), `nbytes` of them."""
     import torch
-    from transformers import AutoModelForSequenceClassification, LlamaConfig
 
-    from warm_hub.testing.checkpoints import perturb, tiny_tokenizer
+    generator = torch.Generator().manual_seed(0)
+    values = torch.randn(nbytes // 2, generator=generator) * 0.02
+    return values.to(torch.bfloat16).view(torch.uint8).numpy().tobytes()
 
-    config = LlamaConfig(
-        vocab_size=8192,
-        hidden_size=768,
-        intermediate_size=2048,
-        num_hidden_layers=4,
-        num_attention_heads=12,
-        num_key_value_heads=12,
-        num_labels=1,
-        pad_token_id=0,
-    )
-    paths = []
-    for i in range(count):
-        path = root / f"member-{i}"
-        if not (path / "config.json").exists():
-            torch.manual_seed(0)
-            model = AutoModelForSequenceClassification.from_config(config)
-            perturb(model, seed=1000 + i).to(torch.bfloat16).save_pretrained(path, max_shard_size="40MB")
-            tiny_tokenizer().save_pretrained(path)
-        paths.append(path)
+
+def write_member(folder: Path, index: int, *, shard_bytes: int, shards: int, block: bytes) -> None:
+    """A checkpoint of `shards` safetensors shards of about `shard_bytes` each, with its index, config, tokenizer."""
+    folder.mkdir(parents=True, exist_ok=True)
+    weight_map, total = {}, 0
+    per_shard = -(-shard_bytes // TENSOR_BYTES)
+    rows = min(TENSOR_BYTES, shard_bytes // per_shard) // (2 * ROW)
+    for s in range(shards):
+        name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        tensors = [(f"model.layers.{s}.w{t}.weight", [rows, ROW]) for t in range(per_shard)]
+        tensors.append((f"model.layers.{s}.norm.weight", [ROW]))  # a small tensor: the small-read path
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for tensor, shape in tensors:
+            nbytes = 2 * shape[0] * (shape[1] if len(shape) > 1 else 1)
+            header[tensor] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+            weight_map[tensor] = name
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(folder / name, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)) + raw)
+            for _, shape in tensors[:-1]:
+                f.write(block[: 2 * shape[0] * shape[1]])
+            # Each member's norm differs, so every file (and blob) is its own.
+            f.write(_norm(index))
+        total += offset
+    index_doc = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index_doc))
+    config = {
+        "architectures": ["LlamaForSequenceClassification"],
+        "model_type": "llama",
+        "hidden_size": ROW,
+        "num_labels": 1,
+        "torch_dtype": "bfloat16",
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 512}))
+    (folder / "special_tokens_map.json").write_text("{}")
+
+
+def _norm(index: int) -> bytes:
+    import torch
+
+    return torch.full((ROW,), 1.0 + index / 64, dtype=torch.bfloat16).view(torch.uint8).numpy().tobytes()
+
+
+def make_members(root: Path, count: int, *, shard_bytes: int, shards: int) -> list[Path]:
+    """`count` members of `shards` shards of ~`shard_bytes`, made once under `root` and reused."""
+    paths = [root / f"member-{i}" for i in range(count)]
+    missing = [i for i, p in enumerate(paths) if not (p / "config.json").exists()]
+    if missing:
+        block = _block(TENSOR_BYTES)
+        for i in missing:
+            write_member(paths[i], i, shard_bytes=shard_bytes, shards=shards, block=block)
     return paths
 
 
-def disk_usage(folders: list[Path]) -> int:
-    total = 0
-    for folder in folders:
-        for dirpath, _, files in os.walk(folder):
-            for name in files:
-                try:
-                    total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
-                except FileNotFoundError:
-                    pass
-    return total
+def load_average() -> float:
+    return os.getloadavg()[0]
 
 
-def run_child(mode: str, sources: list[str], work: Path, env_extra: dict[str, str]) -> dict:
-    """One merge in a fresh process; returns its figures, with the peak disk sampled meanwhile."""
-    home, tmp, out = work / "hf_home", work / "tmp", work / "out"
+def cpu_seconds(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_child(mode: str, repos: list[str], work: Path, env_extra: dict[str, str]) -> dict:
+    """One measurement in a fresh process; adds the server's CPU time and the load average around it."""
+    home, tmp = work / "hf_home", work / "tmp"
     for folder in (home, tmp):
         folder.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "HF_HOME": str(home), "TMPDIR": str(tmp), "HF_HUB_DISABLE_PROGRESS_BARS": "1", **env_extra}
-    args = [sys.executable, __file__, "--child", mode, "--out", str(out), *sources]
-    peak, stop = [0], threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], disk_usage([home, tmp]))
-            time.sleep(0.02)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    started = time.perf_counter()
+    args = [sys.executable, __file__, "--child", mode, "--out", str(work / "out"), *repos]
+    load_before, server_before = load_average(), cpu_seconds(resource.RUSAGE_SELF)
     done = subprocess.run(args, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - started
-    stop.set()
-    sampler.join()
     if done.returncode:
         raise RuntimeError(f"{mode} failed:\n{done.stderr[-3000:]}")
     figures = json.loads(done.stdout.strip().splitlines()[-1])
-    figures.update(process_seconds=wall, peak_extra_disk=peak[0])
+    figures.update(
+        server_cpu=cpu_seconds(resource.RUSAGE_SELF) - server_before, load=max(load_before, load_average())
+    )
     return figures
 
 
-def child(mode: str, out: str, sources: list[str]) -> None:
-    """Runs in the child: import, merge, report. `mode`: baseline (imports only), local, stream or download."""
-    import torch  # noqa: F401 - the import baseline includes torch, as a merge does
+# ---- in the child ----------------------------------------------------------------------------------------------
+
+
+def weight_files(repos: list[str]) -> list[tuple[str, str, int]]:
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    files = []
+    for repo in repos:
+        info = api.model_info(repo, files_metadata=True)
+        files += [(repo, s.rfilename, s.size) for s in info.siblings if s.rfilename.endswith(".safetensors")]
+    return files
+
+
+def child_download(repos: list[str], *, raw: bool) -> dict:
+    """Every weight file, whole, 8 at a time: huggingface_hub's client (raw=False) or http.client (raw=True)."""
+    import http.client
+    from concurrent.futures import ThreadPoolExecutor
+    from urllib.parse import urljoin, urlsplit
+
+    from huggingface_hub import hf_hub_url
+    from huggingface_hub.utils import get_session
+
+    files = weight_files(repos)
+
+    def plain(item) -> int:
+        repo, name, _ = item
+        received = 0
+        with get_session().stream("GET", hf_hub_url(repo, name), follow_redirects=True) as response:
+            for chunk in response.iter_raw():
+                received += len(chunk)
+        return received
+
+    def direct(item) -> int:
+        repo, name, size = item
+        url = hf_hub_url(repo, name)
+        for _ in range(3):  # follow the redirect to the CDN origin
+            parts = urlsplit(url)
+            connection = http.client.HTTPConnection(parts.hostname, parts.port)
+            connection.request("GET", parts.path + (f"?{parts.query}" if parts.query else ""))
+            response = connection.getresponse()
+            if response.status in (301, 302, 307):
+                response.read()
+                url = urljoin(url, response.getheader("Location"))
+                connection.close()
+                continue
+            buffer, received = memoryview(bytearray(16 << 20)), 0
+            while True:
+                n = response.readinto(buffer)
+                if not n:
+                    break
+                received += n
+            connection.close()
+            return received
+        raise RuntimeError("too many redirects")
+
+    cpu, started = cpu_seconds(resource.RUSAGE_SELF), time.perf_counter()
+    with ThreadPoolExecutor(8) as pool:
+        received = sum(pool.map(direct if raw else plain, files))
+    seconds = time.perf_counter() - started
+    assert received == sum(size for *_, size in files)
+    return {"seconds": seconds, "bytes": received, "client_cpu": cpu_seconds(resource.RUSAGE_SELF) - cpu}
+
+
+def child_merge(repos: list[str], out: str) -> dict:
+    """`warm_hub.merge` from repo ids; the progress bar's life marks the streaming window."""
+    import warm_hub
+
+    marks: dict[str, float] = {}
+
+    class Bar:
+        def __init__(self, *args, **kwargs) -> None:
+            marks["stream_start"] = time.perf_counter()
+
+        def update(self, n: int) -> None:
+            marks["stream_end"] = time.perf_counter()
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            marks.setdefault("stream_end", time.perf_counter())
+
+    cpu, started = cpu_seconds(resource.RUSAGE_SELF), time.perf_counter()
+    result = warm_hub.merge(repos, out, device="cpu", tqdm_class=Bar)
+    seconds = time.perf_counter() - started
+    return {
+        "seconds": seconds,
+        "before_stream": marks["stream_start"] - started,
+        "stream": marks["stream_end"] - marks["stream_start"],
+        "after_stream": started + seconds - marks["stream_end"],
+        "output_bytes": result.total_size,
+        "shards": result.shards,
+        "client_cpu": cpu_seconds(resource.RUSAGE_SELF) - cpu,
+        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+
+
+def child_fixed(repos: list[str]) -> dict:
+    """The fixed costs, step by step, as the merge does them (pinning and metadata in parallel)."""
+    import contextlib
+
+    from warm_hub.card import ingredient_metadata
+    from warm_hub.merging import _read_metadata
+    from warm_hub.recipe import Ingredient
+    from warm_hub.source_factory import open_sources
+    from warm_hub.sources import TOKENIZER_FILES
+
+    figures = {}
+    with contextlib.ExitStack() as stack:
+        started = time.perf_counter()
+        opened = open_sources(repos, stack)
+        figures["pin"] = time.perf_counter() - started
+        started = time.perf_counter()
+        _read_metadata(opened)
+        figures["index_headers_config"] = time.perf_counter() - started
+        started = time.perf_counter()
+        available = set(opened[0].list_files())
+        for name in TOKENIZER_FILES:
+            if name in available:
+                opened[0].fetch(name)
+        figures["tokenizer"] = time.perf_counter() - started
+        started = time.perf_counter()
+        ingredient_metadata([Ingredient(source=s.label, weight=1.0, revision=s.revision) for s in opened])
+        figures["cards"] = time.perf_counter() - started
+    figures["seconds"] = sum(figures.values())
+    return figures
+
+
+def child(mode: str, out: str, repos: list[str]) -> None:
+    import torch  # noqa: F401 - every child pays the same imports, outside the timings
     from huggingface_hub import HfApi  # noqa: F401
 
-    import warm_hub
-    import warm_hub.hub_source as hub_source
+    import warm_hub.merging  # noqa: F401
 
-    if os.environ.get("WARM_HUB_CONNECTIONS"):
-        hub_source.CONNECTIONS = int(os.environ["WARM_HUB_CONNECTIONS"])
-    figures: dict = {"rss_after_import": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-    if mode != "baseline":
-        started = time.perf_counter()
-        if mode in ("stream", "download"):
-            inputs = [hub_source.HubSource.from_reference(s, strategy=mode) for s in sources]
-        else:
-            inputs = sources
-        result = warm_hub.merge(inputs, out, device="cpu")
-        figures.update(merge_seconds=time.perf_counter() - started, total_size=result.total_size)
-        figures["shards"] = result.shards
-    figures["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if mode == "download":
+        figures = child_download(repos, raw=False)
+    elif mode == "link":
+        figures = child_download(repos, raw=True)
+    elif mode.startswith("merge"):
+        figures = child_merge(repos, out)
+    else:
+        figures = child_fixed(repos)
     print(json.dumps(figures))
 
 
+# ---- in the parent ---------------------------------------------------------------------------------------------
+
+
+def summary(runs: list[dict], key: str = "seconds") -> tuple[float, float]:
+    values = [r[key] for r in runs]
+    return min(values), statistics.median(values)
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--members", type=int, default=3)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--members", default="2,4,8", help="ingredient counts, comma-separated")
+    parser.add_argument("--shard-mb", type=int, default=50, help="size of each shard, MB")
+    parser.add_argument("--shards", type=int, default=4, help="shards per ingredient")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--pull", choices=["stream", "download"], action="append", help="pull strategies to merge")
     parser.add_argument("--root", default=os.path.join(tempfile.gettempdir(), "warm-hub-bench-hub"))
-    parser.add_argument("--markdown", action="store_true", help="print a Markdown table for RESULTS.md")
+    parser.add_argument("--markdown", action="store_true", help="print Markdown tables for RESULTS.md")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
-    parser.add_argument("sources", nargs="*", help=argparse.SUPPRESS)
+    parser.add_argument("repos", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:  # HF_ENDPOINT comes from the parent's environment
-        return child(args.child, args.out, args.sources)
+        return child(args.child, args.out, args.repos)
 
     from warm_hub.testing import hub_server
 
     hub_server.reserve_endpoint()  # before huggingface_hub is imported
     server = hub_server.running_server()
-    root = Path(args.root)
-    members = make_members(root / "members", args.members)
+    counts = [int(n) for n in args.members.split(",")]
+    root = Path(args.root) / f"{args.shard_mb}MBx{args.shards}"
+    members = make_members(root / "members", max(counts), shard_bytes=args.shard_mb * 10**6, shards=args.shards)
     repos = []
     for i, path in enumerate(members):
-        server.upload_folder(f"bench/member-{i}", path)
+        server.upload_folder(f"bench/member-{i}", path, link=True)
         repos.append(f"bench/member-{i}")
-    input_bytes = sum(p.stat().st_size for m in members for p in m.glob("*.safetensors"))
-
-    runs: dict[str, list[dict]] = {}
-    plans = [
-        ("baseline", [], {}),
-        ("local", [str(m) for m in members], {}),
-        ("stream", repos, {}),
-        ("stream, 1 connection", repos, {"WARM_HUB_CONNECTIONS": "1"}),
-        ("download", repos, {}),
-    ]
+    member_bytes = sum(p.stat().st_size for p in members[0].glob("*.safetensors"))
+    pulls = args.pull or ["stream"]
+    modes = ["download", "link", *(f"merge-{p}" for p in pulls), "fixed"]
+    runs: dict[tuple[int, str], list[dict]] = {}
+    started = time.perf_counter()
     for _ in range(args.repeat):
-        for label, sources, env in plans:
-            mode = label.split(",")[0]
-            work = Path(tempfile.mkdtemp(prefix="run-", dir=root))
-            figures = run_child(mode, sources, work, env)
-            runs.setdefault(label, []).append(figures)
-            subprocess.run(["rm", "-rf", str(work)], check=True)
-    reference = runs["local"][0]["shards"]
-    for label in ("stream", "stream, 1 connection", "download"):
-        assert all(r["shards"] == reference for r in runs[label]), f"{label} gave other bytes than the local merge"
-    baseline = statistics.median(r["peak_rss"] for r in runs["baseline"])
+        for count in counts:
+            for mode in modes:
+                work = Path(tempfile.mkdtemp(prefix="run-", dir=root))
+                env = {"WARM_HUB_PULL": mode.split("-")[1]} if mode.startswith("merge-") else {}
+                try:
+                    runs.setdefault((count, mode), []).append(run_child(mode, repos[:count], work, env))
+                finally:
+                    shutil.rmtree(work, ignore_errors=True)
+    elapsed = time.perf_counter() - started
+    for count in counts:
+        digests = {json.dumps(r["shards"], sort_keys=True) for p in pulls for r in runs[(count, f"merge-{p}")]}
+        assert len(digests) == 1, f"{count} ingredients: merges gave different bytes"
+
     mb = 1e6
-    rows = []
-    for label, results in runs.items():
-        if label == "baseline":
-            continue
-        merge_s = statistics.median(r["merge_seconds"] for r in results)
-        rows.append(
-            (
-                label,
-                f"{merge_s:.2f}",
-                f"{input_bytes / merge_s / mb:.0f}",
-                f"{statistics.median(r['peak_rss'] for r in results) / mb:.0f}",
-                f"{(statistics.median(r['peak_rss'] for r in results) - baseline) / mb:.0f}",
-                f"{max(r['peak_extra_disk'] for r in results) / mb:.1f}",
-            )
-        )
-    header = ("source", "merge s (median)", "input MB/s", "peak RSS MB", "RSS over import MB", "peak extra disk MB")
+    loads = [r["load"] for rs in runs.values() for r in rs]
     info = (
-        f"{args.members} bf16 Llama-style members, {input_bytes / mb:.0f} MB of safetensors in all (2 shards each),"
-        f" loopback Hub on 127.0.0.1, median of {args.repeat} runs, import baseline {baseline / mb:.0f} MB RSS,"
-        f" default --max-memory 512MB; {os.cpu_count()} CPU cores, {platform.python_version()}"
+        f"{os.cpu_count()} CPU cores, Python {platform.python_version()};"
+        f" {args.shards} shards of {member_bytes / args.shards / mb:.0f} MB per ingredient"
+        f" ({member_bytes / mb:.0f} MB),"
+        f" loopback Hub on 127.0.0.1; {args.repeat} round-robin rounds in {elapsed:.0f} s; 1-min load average"
+        f" during the runs {min(loads):.1f}..{max(loads):.1f}"
     )
+    header = (
+        "N",
+        "input",
+        "yardstick: plain downloads, best / median",
+        "link (http.client)",
+        *(f"merge ({p}), best / median" for p in pulls),
+        "merge / yardstick (best, median)",
+        "streaming window: input rate / yardstick",
+        "fixed costs: before streaming / after",
+        "merge: client CPU, server CPU (% of wall), peak RSS",
+    )
+    rows = []
+    for count in counts:
+        size = count * member_bytes
+        d_best, d_med = summary(runs[(count, "download")])
+        l_best, _ = summary(runs[(count, "link")])
+        cells = [str(count), f"{size / mb:.0f} MB", f"{d_best:.2f} / {d_med:.2f} s ({size / d_best / mb:.0f} MB/s)"]
+        cells.append(f"{l_best:.2f} s ({size / l_best / mb:.0f} MB/s)")
+        for p in pulls:
+            m_best, m_med = summary(runs[(count, f"merge-{p}")])
+            cells.append(f"{m_best:.2f} / {m_med:.2f} s")
+        merges = runs[(count, f"merge-{pulls[0]}")]
+        m_best, m_med = summary(merges)
+        cells.append(f"**{d_best / m_best:.2f}x**, {d_med / m_med:.2f}x")
+        s_best, _ = summary(merges, "stream")
+        cells.append(f"{size / s_best / mb:.0f} MB/s, {d_best / s_best:.2f}x")
+        before = statistics.median(r["before_stream"] for r in merges)
+        after = statistics.median(r["after_stream"] for r in merges)
+        fixed = runs[(count, "fixed")]
+        steps = ("pin", "index_headers_config", "tokenizer", "cards")
+        parts = ", ".join(f"{k} {statistics.median(r[k] for r in fixed):.3f}" for k in steps)
+        cells.append(f"{before:.2f} s / {after:.2f} s ({parts} s)")
+        best = min(merges, key=lambda r: r["seconds"])
+        wall = best["seconds"]
+        cells.append(
+            f"{100 * best['client_cpu'] / wall:.0f}%, {100 * best['server_cpu'] / wall:.0f}%,"
+            f" {max(r['peak_rss'] for r in merges) / mb:.0f} MB"
+        )
+        rows.append(cells)
+        down = min(runs[(count, "download")], key=lambda r: r["seconds"])
+        rows[-1][2] += (
+            f" [client {100 * down['client_cpu'] / down['seconds']:.0f}%, server"
+            f" {100 * down['server_cpu'] / down['seconds']:.0f}%]"
+        )
     if args.markdown:
         print(info + "\n")
         print("| " + " | ".join(header) + " |")
@@ -190,6 +390,7 @@ def main() -> None:
         print(info)
         for row in rows:
             print(dict(zip(header, row, strict=True)))
+        print(json.dumps({f"{c}:{m}": rs for (c, m), rs in runs.items()}, default=str)[:20000], file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,10 @@ import yaml
 
 import warm_hub
 import warm_hub.hub_source as hub_source
+import warm_hub.range_reader as range_reader
 from warm_hub.errors import CheckpointFormatError, InvalidOptionError, PickleCheckpointError, SourceNotFoundError
 from warm_hub.hub import HubAccessError, HubOfflineError, HubSource, HubTransferError, parse_reference
-from warm_hub.sources import open_source
+from warm_hub.source_factory import open_source
 from warm_hub.testing.checkpoints import make_members
 
 merge = warm_hub.merge
@@ -36,9 +37,9 @@ def local_merge(members, tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture
 def fast_retries(monkeypatch):
-    monkeypatch.setattr(hub_source, "BACKOFF_BASE", 0.01)
-    monkeypatch.setattr(hub_source, "BACKOFF_MAX", 0.05)
-    monkeypatch.setattr(hub_source, "MAX_RETRIES", 3)
+    monkeypatch.setattr(range_reader, "BACKOFF_BASE", 0.01)
+    monkeypatch.setattr(range_reader, "BACKOFF_MAX", 0.05)
+    monkeypatch.setattr(range_reader, "MAX_RETRIES", 3)
 
 
 @pytest.fixture
@@ -136,9 +137,10 @@ def test_branch_tag_and_sha_pin_to_one_commit(hub):
 
 def test_a_commit_pushed_mid_merge_does_not_change_what_is_read(hub, members, local_merge, tmp_path):
     server, shas = hub
-    # Once org/a is pinned, before any of its bytes are read (and again once weights flow), main moves on.
+    # Once every repo is pinned (in parallel), before any of their files are read (and again once weights flow),
+    # main moves on.
     other = make_members(tmp_path / "other", count=2, init_seed=7)
-    server.on_request(lambda: server.upload_folder("org/a", other[0], message="retrain"), path="/api/models/org/c")
+    server.on_request(lambda: server.upload_folder("org/a", other[0], message="retrain"), path="/resolve/")
     server.on_request(lambda: server.upload_folder("org/a", other[1], message="again"), path="/blobs/")
 
     result = merge(["org/a", "org/b", "org/c"], tmp_path / "warm")
@@ -231,7 +233,7 @@ def test_dropped_connections_and_server_errors_are_retried(hub, local_merge, tmp
 
 def test_a_stalled_response_times_out_and_is_retried(hub, local_merge, tmp_path, fast_retries, monkeypatch):
     server, _ = hub
-    monkeypatch.setattr(hub_source, "READ_TIMEOUT", 0.3)
+    monkeypatch.setattr(range_reader, "READ_TIMEOUT", 0.3)
     server.slow(seconds=1.0, times=1, path="/blobs/")
     assert merge(["org/a", "org/b", "org/c"], tmp_path / "warm").shards == local_merge
 
@@ -252,8 +254,8 @@ def test_an_expired_signed_location_is_resolved_again(hub, fast_retries, monkeyp
 
 def test_persistent_failure_is_one_clear_line_and_resume_continues(hub, local_merge, tmp_path, run_cli, monkeypatch):
     server, _ = hub
-    monkeypatch.setattr(hub_source, "BACKOFF_BASE", 0.01)
-    monkeypatch.setattr(hub_source, "MAX_RETRIES", 2)
+    monkeypatch.setattr(range_reader, "BACKOFF_BASE", 0.01)
+    monkeypatch.setattr(range_reader, "MAX_RETRIES", 2)
     monkeypatch.setattr(hub_source, "READ_AHEAD", 1024)
     # The network goes down for good after 20 weight reads.
     served = itertools.count()
@@ -314,15 +316,6 @@ def test_weights_already_in_the_cache_are_not_fetched_again(hub, local_merge, tm
     assert not [r for r in server.requests if r.server == "cdn"]
 
 
-def test_download_strategy_gives_the_same_bytes_and_cleans_up(hub, local_merge, tmp_path, monkeypatch):
-    server, _ = hub
-    monkeypatch.setattr(hub_source, "READ_AHEAD", 1024)  # tensor reads large enough to trigger shard downloads
-    sources = [HubSource(f"org/{name}", strategy="download") for name in "abc"]
-    result = merge(sources, tmp_path / "warm")
-    assert result.shards == local_merge
-    assert all(s._tmp is None for s in sources)  # temporary shards removed on close
-
-
 def test_no_request_ever_sends_a_token_to_the_cdn(hub, tmp_path, monkeypatch):
     server, _ = hub
     server.add_token(TOKEN)
@@ -366,9 +359,9 @@ def test_a_server_that_ignores_range_gets_a_hint_that_works(hub, local_merge, tm
 
     server, shas = hub
     monkeypatch.setattr(hub_source, "READ_AHEAD", 1024)
-    server.ignore_range = True
+    server.ignore_range(times=10_000, path="/blobs/")
     for strategy in ("stream", "download"):
-        monkeypatch.setattr(hub_source, "STRATEGY", strategy)
+        monkeypatch.setenv("WARM_HUB_PULL", strategy)
         code, _, err = run_cli("merge", "org/a", "org/b", "org/c", "--out", tmp_path / "warm")
         assert code == 1
         line = error_line(err)
@@ -383,9 +376,7 @@ def test_a_server_that_ignores_range_gets_a_hint_that_works(hub, local_merge, tm
 @pytest.mark.parametrize(("value", "seconds"), [("-1", None), ("nan", None), ("inf", None), ("1e999", None),
                                                 ("soon", None), ("2.5", 2.5), ("600", 60.0)])
 def test_retry_after_is_used_only_when_it_is_a_sane_delay(value, seconds):
-    from types import SimpleNamespace
-
-    assert hub_source._retry_after(SimpleNamespace(headers={"Retry-After": value})) == seconds
+    assert range_reader._retry_after(value) == seconds
 
 
 def test_every_command_says_the_same_about_a_private_repo(hub_server, members, tmp_path, run_cli):
@@ -403,3 +394,103 @@ def test_every_command_says_the_same_about_a_private_repo(hub_server, members, t
     assert error_line(merged) == error_line(evaluated)
     with pytest.raises(SourceNotFoundError, match="org/private: repository not found"):
         RewardModel.from_pretrained("org/private", device="cpu")
+
+
+# ---- the ranged-HTTP reader -------------------------------------------------------------------------------------
+
+
+def cdn_ranges(server, count: int) -> list[str]:
+    """The Range headers of the CDN requests, once `count` are logged (the server logs after answering)."""
+    import time
+
+    deadline = time.monotonic() + 5
+    while True:
+        ranges = [r.range for r in server.requests if r.server == "cdn"]
+        if len(ranges) >= count or time.monotonic() > deadline:
+            return ranges
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def blob(hub_server):
+    """org/blob with one 3 MB weight file of distinct bytes; returns (server, its bytes, an open RangeReader)."""
+    data = bytes(range(256)) * (3 * 4096)
+    sha = hub_server.upload("org/blob", {"model.safetensors": data})
+    reader = range_reader.RangeReader("org/blob", sha, endpoint=hub_server.url, token=None)
+    yield hub_server, data, reader
+    reader.close()
+
+
+def test_reader_resumes_a_part_dropped_mid_stream(blob, fast_retries, monkeypatch):
+    server, data, reader = blob
+    monkeypatch.setattr(range_reader, "PART_SIZE", 1 << 20)
+    server.drop(after_bytes=100_000, times=2, path="/blobs/")
+    buffer = bytearray(len(data) - 10)
+    reader.read("model.safetensors", 10, memoryview(buffer))
+    assert buffer == data[10:]
+    starts = [int(r.split("=")[1].split("-")[0]) for r in cdn_ranges(server, 5)]
+    # Each dropped response (parts start at 10 + k MiB) was asked again from the byte where its connection
+    # closed (a resumed request dropped again resumes 100 KB further on).
+    resumed = [x for x in starts if (x - 10) % (1 << 20) in (100_000, 200_000)]
+    assert len(resumed) == 2, starts
+    assert not server.faults
+
+
+def test_reader_asks_for_the_rest_of_a_short_answer(blob, caplog):
+    server, data, reader = blob
+    server.short(max_bytes=300_000, times=3, path="/blobs/")
+    buffer = bytearray(1_000_000)
+    with caplog.at_level(logging.WARNING):
+        reader.fetch("model.safetensors", 5, memoryview(buffer))
+    assert buffer == data[5:1_000_005]
+    assert cdn_ranges(server, 4) == [f"bytes={start}-1000004" for start in (5, 300_005, 600_005, 900_005)]
+    assert "retrying" not in caplog.text  # a valid shorter answer is progress, not a failure
+
+
+def test_reader_refuses_a_server_that_ignores_range(blob):
+    server, data, reader = blob
+    server.ignore_range(times=2, path="/blobs/")
+    head = bytearray(4096)
+    reader.fetch("model.safetensors", 0, memoryview(head))  # the whole file from 0: its start is right
+    assert head == data[:4096]
+    with pytest.raises(HubTransferError, match=r"ignored the Range request.*hf download org/blob"):
+        reader.fetch("model.safetensors", 4096, memoryview(bytearray(4096)))
+
+
+def test_reader_reuses_its_connections(blob, monkeypatch):
+    server, data, reader = blob
+    monkeypatch.setattr(range_reader, "CONNECTIONS", 1)
+    buffer = bytearray(64 * 1024)
+    for i in range(20):
+        reader.read("model.safetensors", i * len(buffer), memoryview(buffer))
+        assert buffer == data[i * len(buffer) : (i + 1) * len(buffer)]
+    assert server.connections == {"hub": 1, "cdn": 1}  # one resolve (then the signed location), one stream
+
+
+def test_pull_strategy_is_read_when_a_source_opens(hub, monkeypatch):
+    monkeypatch.setenv("WARM_HUB_PULL", "download")
+    assert HubSource("org/a").strategy == "download"
+    monkeypatch.setenv("WARM_HUB_PULL", "sideways")
+    with pytest.raises(InvalidOptionError, match="WARM_HUB_PULL"):
+        HubSource("org/a")
+
+
+def test_download_strategy_keeps_at_most_one_shard_per_ingredient_on_disk(hub, local_merge, tmp_path, monkeypatch):
+    import tempfile
+
+    server, _ = hub
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    monkeypatch.setattr(hub_source, "READ_AHEAD", 1024)  # tensor reads large enough to trigger shard downloads
+    most = [0]
+
+    def look() -> None:  # at every weight request, in the server's thread: what the merge holds on disk now
+        for folder in scratch.glob("warm-hub-shards-*"):
+            most[0] = max(most[0], len(list(folder.iterdir())))
+
+    server.on_request(look, path="/blobs/", times=100_000)
+    sources = [HubSource(f"org/{name}", strategy="download") for name in "abc"]
+    assert merge(sources, tmp_path / "warm").shards == local_merge
+    assert most[0] == 1  # org/b has 6 shards: each was deleted before the next one came
+    assert not list(scratch.iterdir())  # no temporary shard (or folder) left

@@ -276,7 +276,7 @@ def sample_candidates(
     Returns:
         `candidates[i]`: the N responses to prompt i.
     """
-    from .sources import open_source
+    from .source_factory import open_source
 
     sampling = sampling or SamplingConfig()
     policy = os.fspath(policy)

@@ -1,48 +1,40 @@
 """Ingredients on the Hugging Face Hub: a repo id pinned once to a commit sha, weights streamed by HTTP Range.
 
-`HubSource` reads safetensors byte ranges straight into the engine's buffers (headers first, then chunks), with
-retries and backoff, so nothing but config and tokenizer files lands on disk; files already complete in the
-Hugging Face cache are read from there. With `HF_HUB_OFFLINE=1` everything comes from the cache.
+`HubSource` reads safetensors byte ranges straight into the engine's buffers (headers first, then chunks)
+through its `RangeReader` (`range_reader.py`: connections, parts, retries), so nothing but config and
+tokenizer files lands on disk; files already complete in the Hugging Face cache are read from there. With
+`HF_HUB_OFFLINE=1` everything comes from the cache.
 """
 
 from __future__ import annotations
 
-import math
 import os
-import random
 import shutil
 import tempfile
 import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urljoin, urlsplit
 
 from huggingface_hub.utils import logging
 
 from . import __version__
 from .errors import CheckpointFormatError, InvalidOptionError
-from .hub_errors import HubOfflineError, HubTransferError, hub_errors, translate
+from .hub_errors import HubOfflineError, HubTransferError, hub_errors
+from .range_reader import RangeReader
 from .sources import IngredientSource
 
 logger = logging.get_logger(__name__)
 
-# Module settings rather than arguments: `open_source` builds sources from what a user typed. Tests lower them.
-STRATEGY = os.environ.get("WARM_HUB_PULL", "stream")  # "stream" (HTTP Range) or "download" (one shard at a time)
-MAX_RETRIES = 5  # consecutive failed attempts (without progress) before giving up on a read
-BACKOFF_BASE = 0.5  # seconds before the first retry; doubles each time, with jitter
-BACKOFF_MAX = 8.0
-CONNECT_TIMEOUT = 10.0
-READ_TIMEOUT = 30.0  # seconds without a byte before a stalled transfer is retried
+# Module settings rather than arguments: sources are built from what a user typed. Tests lower them.
+PULL_VARIABLE = "WARM_HUB_PULL"  # "stream" (HTTP Range, the default) or "download" (one shard at a time)
 READ_AHEAD = 1024 * 1024  # small reads (headers, tiny tensors) fetch this much at once and serve the rest from it
-PART_SIZE = 16 * 1024 * 1024  # large reads are split into parts of this size fetched in parallel
-CONNECTIONS = 4  # parallel parts per ingredient
 DOWNLOAD_PART = 8 * 1024 * 1024  # strategy "download": part size of the shard download
-_RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
-_EXPIRED_STATUS = frozenset({401, 403, 404, 410})  # from a cached CDN location: its signature expired, resolve again
-_HUB_HOSTS = ("https://huggingface.co", "https://hf.co", "https://hub-ci.huggingface.co")
-_SHA = set("0123456789abcdef")
+DOWNLOAD_PARTS = 4  # strategy "download": parts fetched at once (the transfer buffer is this many parts)
+
+
+def pull_strategy() -> str:
+    """The pull strategy `WARM_HUB_PULL` names now (read at each call, not at import): `stream` by default."""
+    return os.environ.get(PULL_VARIABLE) or "stream"
 
 
 @dataclass(frozen=True)
@@ -87,10 +79,6 @@ def parse_reference(text: str) -> HubReference:
     return HubReference(repo_id, revision or None)
 
 
-def is_commit_sha(text: str | None) -> bool:
-    return text is not None and len(text) == 40 and set(text) <= _SHA
-
-
 class HubSource(IngredientSource):
     """A model repo on the Hub, pinned to one commit: every read names that sha.
 
@@ -123,9 +111,11 @@ class HubSource(IngredientSource):
         self.label = repo_id
         self.repo_id = repo_id
         self.token = token
-        self.strategy = strategy or STRATEGY
+        self.strategy = strategy or pull_strategy()
         if self.strategy not in ("stream", "download"):
-            raise InvalidOptionError(f"unknown pull strategy {self.strategy!r} (use stream or download)")
+            raise InvalidOptionError(
+                f"unknown pull strategy {self.strategy!r} (set {PULL_VARIABLE} to stream or download)"
+            )
         self.endpoint = constants.ENDPOINT
         self.offline = constants.is_offline_mode()
         self._snapshot: Path | None = None
@@ -137,11 +127,9 @@ class HubSource(IngredientSource):
         self._local: dict[str, Path | None] = {}  # file -> complete local copy (cache or downloaded), None: remote
         self._fds: dict[Path, int] = {}
         self._block: tuple[str, int, bytearray] | None = None  # read-ahead: (file, offset, bytes)
-        self._locations: dict[str, str] = {}  # file -> signed CDN URL its resolve redirected to
-        self._pool: ThreadPoolExecutor | None = None
+        self._reader = RangeReader(self.repo_id, self.revision, endpoint=self.endpoint, token=token)
         self._tmp: Path | None = None
         self._downloaded: str | None = None
-        self._headers: dict[str, str] | None = None
 
     @classmethod
     def from_reference(cls, text: str, *, token: str | bool | None = None, **kwargs) -> HubSource:
@@ -253,7 +241,7 @@ class HubSource(IngredientSource):
             return self._pread(local, offset, buffer)
         if len(buffer) < READ_AHEAD:
             return self._read_small(name, offset, buffer, size)
-        self._read_parts(name, offset, buffer)
+        self._reader.read(name, offset, buffer)
 
     def close(self) -> None:
         with self._lock:
@@ -261,9 +249,7 @@ class HubSource(IngredientSource):
                 os.close(fd)
             self._fds.clear()
             self._block = None
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
-                self._pool = None
+            self._reader.close()
             if self._tmp is not None:
                 shutil.rmtree(self._tmp, ignore_errors=True)
                 self._tmp = None
@@ -326,13 +312,13 @@ class HubSource(IngredientSource):
         size = self.file_size(name)
         logger.info("%s: downloading %s (%d bytes)", self.repo_id, name, size)
         # One reusable buffer of a few parts: parallel ranged GETs, written in order (memory stays bounded).
-        step = DOWNLOAD_PART * CONNECTIONS
+        step = DOWNLOAD_PART * DOWNLOAD_PARTS
         buffer = bytearray(min(step, size))
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             for start in range(0, size, step):
                 view = memoryview(buffer)[: min(step, size - start)]
-                self._read_parts(name, start, view, part_size=DOWNLOAD_PART)
+                self._reader.read(name, start, view, part_size=DOWNLOAD_PART)
                 done = 0
                 while done < len(view):
                     done += os.pwrite(fd, view[done:], start + done)
@@ -364,169 +350,12 @@ class HubSource(IngredientSource):
         if block is None or block[0] != name or not inside:
             length = min(size - offset, max(READ_AHEAD, len(buffer)))
             data = bytearray(length)
-            self._fetch(name, offset, memoryview(data))
+            self._reader.fetch(name, offset, memoryview(data))
             block = (name, offset, data)
             with self._lock:
                 self._block = block
         start = offset - block[1]
         buffer[:] = block[2][start : start + len(buffer)]
 
-    def _read_parts(self, name: str, offset: int, buffer: memoryview, *, part_size: int | None = None) -> None:
-        """Fetch a large range as parallel parts written straight into `buffer` (no extra copy held)."""
-        total, part_size = len(buffer), part_size or PART_SIZE
-        parts = [(start, min(total, start + part_size)) for start in range(0, total, part_size)]
-        if len(parts) == 1 or CONNECTIONS <= 1:
-            return self._fetch(name, offset, buffer)
-        with self._lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(CONNECTIONS, thread_name_prefix=f"warm-hub-{self.repo_id}")
-            pool = self._pool
-        futures = [pool.submit(self._fetch, name, offset + a, buffer[a:b]) for a, b in parts]
-        errors = [f.exception() for f in futures]
-        for error in errors:
-            if error is not None:
-                raise error
 
-    def _request_headers(self) -> dict[str, str]:
-        if self._headers is None:
-            from huggingface_hub.utils import build_hf_headers
-
-            with hub_errors(self.repo_id, revision=self.revision, token=self.token):
-                self._headers = build_hf_headers(
-                    token=self.token, library_name="warm-hub", library_version=__version__
-                )
-        return self._headers
-
-    def _fetch(self, name: str, offset: int, view: memoryview) -> None:
-        """GET bytes `offset..offset+len(view)` of `name` into `view`, resuming after drops, with backoff."""
-        done, failures = 0, 0
-        while done < len(view):
-            received, error = self._attempt(name, offset + done, view[done:])
-            done += received
-            if error is None:
-                if done < len(view):
-                    error = HubTransferError(f"{self.repo_id}/{name}: the response ended early")
-                else:
-                    break
-            failures = 0 if received else failures + 1
-            if failures > MAX_RETRIES:
-                translated = translate(
-                    error, repo_id=self.repo_id, revision=self.revision, token=self.token, what=name
-                )
-                if translated is error and not isinstance(error, HubTransferError):
-                    translated = HubTransferError(
-                        f"{self.repo_id}@{self.revision[:12]}: reading {name} failed {MAX_RETRIES + 1} times"
-                        f" ({_describe(error)}); rerun with --resume to continue"
-                    )
-                raise translated from error
-            wait = 0.0 if received else min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (failures - 1))
-            wait = getattr(error, "retry_after", None) or wait * (0.75 + random.random() / 2)
-            logger.warning(
-                "%s: %s reading %s at byte %d; retrying in %.1fs (%d/%d)",
-                self.repo_id,
-                _describe(error),
-                name,
-                offset + done,
-                wait,
-                failures,
-                MAX_RETRIES,
-            )
-            time.sleep(wait)
-
-    def _attempt(self, name: str, start: int, view: memoryview) -> tuple[int, BaseException | None]:
-        """One GET with a Range header; follows redirects, remembering signed CDN locations.
-
-        Returns:
-            (bytes written into `view`, the retryable error that stopped it or None).
-
-        Raises:
-            SourceNotFoundError, HubAccessError, HubTransferError: failures a retry cannot fix.
-        """
-        import httpx2
-        from huggingface_hub import hf_hub_url
-        from huggingface_hub.utils import get_session, hf_raise_for_status
-
-        end = start + len(view) - 1
-        with self._lock:
-            location = self._locations.get(name)
-        url = location or hf_hub_url(self.repo_id, name, revision=self.revision, endpoint=self.endpoint)
-        timeout = httpx2.Timeout(READ_TIMEOUT, connect=CONNECT_TIMEOUT)
-        written = 0
-        try:
-            for _ in range(10):
-                headers = {"Range": f"bytes={start}-{end}", "Accept-Encoding": "identity"}
-                if _is_hub_url(url, self.endpoint):
-                    headers = {**self._request_headers(), **headers}
-                with get_session().stream("GET", url, headers=headers, timeout=timeout, follow_redirects=False) as r:
-                    if r.has_redirect_location:
-                        target = urljoin(url, r.headers["Location"])
-                        if not _is_hub_url(target, self.endpoint):
-                            with self._lock:
-                                self._locations[name] = target
-                        url = target
-                        continue
-                    if location is not None and r.status_code in _EXPIRED_STATUS:
-                        with self._lock:
-                            self._locations.pop(name, None)
-                        return 0, _Retry(f"signed location expired (HTTP {r.status_code})")
-                    if r.status_code in _RETRY_STATUS:
-                        return 0, _Retry(f"HTTP {r.status_code}", retry_after=_retry_after(r))
-                    if r.status_code >= 400:
-                        r.read()
-                        with hub_errors(self.repo_id, revision=self.revision, token=self.token, what=name):
-                            hf_raise_for_status(r)
-                    if r.status_code == 200 and start != 0:
-                        # Both pull strategies read byte ranges; only a whole download (into the cache, which
-                        # warm-hub reads from) gets past a server or proxy that ignores them.
-                        raise HubTransferError(
-                            f"{self.repo_id}/{name}: the server ignored the Range request, so it cannot be read in"
-                            f" parts; download the repo once (`hf download {self.repo_id} --revision {self.revision}`)"
-                            " and rerun: files in the local cache are read from there"
-                        )
-                    if r.status_code == 206 and not r.headers.get("Content-Range", "").startswith(f"bytes {start}-"):
-                        raise HubTransferError(f"{self.repo_id}/{name}: the server sent another byte range")
-                    for chunk in r.iter_raw():
-                        n = min(len(chunk), len(view) - written)
-                        view[written : written + n] = chunk[:n]
-                        written += n
-                        if written == len(view):
-                            break
-                    return written, None
-            raise HubTransferError(f"{self.repo_id}/{name}: too many redirects")
-        except (httpx2.TransportError, httpx2.StreamError) as exc:
-            return written, exc
-
-
-class _Retry(Exception):
-    """A retryable answer (5xx, 429, expired signed URL)."""
-
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-def _describe(error: BaseException) -> str:
-    return str(error) if isinstance(error, _Retry) else f"{type(error).__name__}"
-
-
-def _retry_after(response) -> float | None:
-    """The server's `Retry-After` in seconds (at most 60), or None when absent or not a sane delay (-1, nan)."""
-    value = response.headers.get("Retry-After")
-    try:
-        seconds = float(value) if value else None
-    except ValueError:
-        return None
-    return min(seconds, 60.0) if seconds is not None and math.isfinite(seconds) and seconds >= 0 else None
-
-
-def _origin(url: str) -> tuple[str, str, int | None]:
-    parts = urlsplit(url)
-    return parts.scheme, (parts.hostname or "").lower(), parts.port or {"http": 80, "https": 443}.get(parts.scheme)
-
-
-def _is_hub_url(url: str, endpoint: str) -> bool:
-    """Whether `url` is served by the Hub itself (send the token) rather than a CDN (never send it)."""
-    return _origin(url) in {_origin(endpoint), *(_origin(h) for h in _HUB_HOSTS)}
-
-
-__all__ = ["HubReference", "HubSource", "STRATEGY", "is_commit_sha", "parse_reference"]
+__all__ = ["HubReference", "HubSource", "PULL_VARIABLE", "parse_reference", "pull_strategy"]

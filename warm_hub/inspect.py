@@ -19,7 +19,8 @@ from .configs import load_config
 from .errors import IncompatibleCheckpointsError, InvalidOptionError, SourceNotFoundError
 from .plan import find_incompatibilities, natural_key
 from .safetensors_io import is_floating, itemsize, torch_dtype
-from .sources import IngredientSource, open_sources
+from .source_factory import open_sources
+from .sources import IngredientSource
 
 DISTANCE_CHUNK_ELEMENTS = 1024 * 1024
 

@@ -350,7 +350,7 @@ def prepare_adapted_merge(
     from .compatibility import refusal_message
     from .configs import config_problems, load_config
     from .errors import SourceNotFoundError
-    from .sources import open_sources
+    from .source_factory import open_sources
 
     ingredients: list[Ingredient] = [read_adapter(s) if is_adapter_source(s) else read_checkpoint(s) for s in opened]
     adapters = [i for i in ingredients if isinstance(i, Adapter)]

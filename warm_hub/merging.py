@@ -40,7 +40,8 @@ from .plan import DEFAULT_SHARD_SIZE, MergePlan, plan_merge
 from .recipe import AdapterBase, Ingredient, WarmRecipe
 from .side_files import SideFilePlan, plan_side_files
 from .sizes import parse_size
-from .sources import SAFE_INDEX, TOKENIZER_FILES, IngredientSource, LocalSource, open_sources
+from .source_factory import open_sources
+from .sources import SAFE_INDEX, TOKENIZER_FILES, IngredientSource, LocalSource
 
 logger = logging.get_logger(__name__)
 
@@ -248,8 +249,7 @@ def merge(
                 ]
                 return _write_adapter_output(adapted, ingredients, out, started, push_to, private, token)
         else:
-            checkpoints = [read_checkpoint(s) for s in opened]
-            configs = [load_config(s) for s in opened]
+            checkpoints, configs = _read_metadata(opened)
             verdict = check_compatibility(checkpoints, configs, allow_mismatch=allowed_keys)
             if verdict.problems:
                 raise IncompatibleCheckpointsError(refusal_message(verdict.problems))
@@ -319,6 +319,19 @@ def merge(
 
             result.url = push_to_hub(out, push_to, private=private, token=token)
     return result
+
+
+def _read_metadata(sources: list[IngredientSource]) -> tuple[list, list[dict | None]]:
+    """Every ingredient's checkpoint (index, headers) and config; Hub ones all at once, as each costs round trips.
+
+    Returns:
+        (checkpoints, configs), in source order; the first failure in that order is raised.
+    """
+    if all(s.is_local for s in sources):
+        return [read_checkpoint(s) for s in sources], [load_config(s) for s in sources]
+    with ThreadPoolExecutor(max_workers=min(2 * len(sources), 16), thread_name_prefix="warm-meta") as pool:
+        futures = [(pool.submit(read_checkpoint, s), pool.submit(load_config, s)) for s in sources]
+        return [c.result() for c, _ in futures], [f.result() for _, f in futures]
 
 
 @contextlib.contextmanager

@@ -1,19 +1,18 @@
-"""Ingredient sources: where a checkpoint's files come from (a local folder or file; the Hub in `hub.py`).
+"""Ingredient sources: where a checkpoint's files come from (a local folder or file; the Hub in `hub_source.py`).
 
 A source gives byte ranges of its weight files and local paths of its small files (config, tokenizer).
-`open_source` turns what a user typed into the right source.
+`source_factory.open_source` turns what a user typed into the right source.
 """
 
 from __future__ import annotations
 
-import contextlib
 import mmap
 import os
 import stat
 import threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import CheckpointFormatError, PickleCheckpointError, SourceNotFoundError
@@ -349,29 +348,6 @@ def _cache_repo_root(folder: Path) -> Path | None:
     return None
 
 
-def is_hub_reference(text: str) -> bool:
-    """Whether `text` names a Hub repo (`org/name`, `org/name@rev`, `hf://...`) rather than a local path."""
-    if text.startswith("hf://"):
-        return True
-    if os.path.exists(text) or text.startswith((".", "/", "~")):
-        return False
-    repo = text.split("@", 1)[0]
-    return repo.count("/") == 1 and all(part for part in repo.split("/"))
-
-
-def open_source(text: str, *, token: str | bool | None = None) -> IngredientSource:
-    """Open what a user typed: a local folder or file, or a Hub repo id (optionally `@revision`).
-
-    Raises:
-        SourceNotFoundError: a local path that does not exist (and does not look like a repo id).
-    """
-    if is_hub_reference(text):
-        from .hub import HubSource
-
-        return HubSource.from_reference(text, token=token)
-    return LocalSource(text)
-
-
 def assign_unique_labels(sources: Sequence[IngredientSource]) -> None:
     """Give ingredients whose labels collide (two folders named `rm0`) the shortest labels that tell them apart.
 
@@ -394,20 +370,3 @@ def assign_unique_labels(sources: Sequence[IngredientSource]) -> None:
                     changed = True
         if not changed:
             return
-
-
-def open_sources(
-    sources: Iterable[str | os.PathLike | IngredientSource],
-    stack: contextlib.ExitStack,
-    *,
-    token: str | bool | None = None,
-) -> list[IngredientSource]:
-    """Open every source (paths and repo ids via `open_source`), each closed when `stack` closes, and label
-    them so that no two ingredients share a label (`assign_unique_labels`)."""
-    opened = []
-    for source in sources:
-        if not isinstance(source, IngredientSource):
-            source = open_source(os.fspath(source), token=token)
-        opened.append(stack.enter_context(source))
-    assign_unique_labels(opened)
-    return opened

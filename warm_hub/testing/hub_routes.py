@@ -1,6 +1,6 @@
-"""The HTTP side of the loopback Hub (`hub_server.HubServer`): the routes `huggingface_hub` calls, answered the
-way the Hub answers them (status codes, `X-Error-Code`, `X-Repo-Commit`, ETags, Range, redirects to the CDN
-origin, LFS batch and ndjson commits), with the injected faults applied.
+"""The HTTP side of the loopback Hub (its state in `hub_state.HubState`): the routes `huggingface_hub` calls,
+answered the way the Hub answers them (status codes, `X-Error-Code`, `X-Repo-Commit`, ETags, Range, redirects to the
+CDN origin, LFS batch and ndjson commits), with the injected faults applied.
 """
 
 from __future__ import annotations
@@ -9,33 +9,35 @@ import base64
 import hashlib
 import hmac
 import json
+import os
 import re
 import socket
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from .hub_server import Commit, Entry, Repo, Request, _atomic_write, git_blob_oid, is_lfs, lfs_pointer
-
-if TYPE_CHECKING:
-    from .hub_server import HubServer
+from .hub_state import Commit, Entry, HubState, Repo, Request, atomic_write, git_blob_oid, is_lfs, lfs_pointer
 
 
 class HubHTTPServer(ThreadingHTTPServer):
-    """One origin ("hub" or "cdn") of a `HubServer`, answering in threads."""
+    """One origin ("hub" or "cdn") of the loopback Hub, answering from its `HubState` in threads."""
 
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, sock: socket.socket | None, hub: HubServer, role: str) -> None:
+    def __init__(self, sock: socket.socket | None, hub: HubState, role: str) -> None:
         super().__init__(("127.0.0.1", 0), _Handler, bind_and_activate=sock is None)
         if sock is not None:
             self.socket.close()
             self.socket = sock
             self.server_address = sock.getsockname()
         self.hub, self.role = hub, role
+
+    def get_request(self):
+        accepted = super().get_request()
+        self.hub.count_connection(self.role)
+        return accepted
 
 
 class _Reply(Exception):
@@ -63,7 +65,7 @@ class _Handler(BaseHTTPRequestHandler):
         """Silent: tests read `HubServer.requests` instead (which never holds a token)."""
 
     @property
-    def hub(self) -> HubServer:
+    def hub(self) -> HubState:
         return self.server.hub
 
     def do_GET(self) -> None:
@@ -86,19 +88,25 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle(self, method: str) -> None:
         self._status = 0
         self._drop_after: int | None = None
+        self._ignore_range = False
+        self._short: int | None = None
         split = urlsplit(self.path)
         self.query = {k: v[-1] for k, v in parse_qs(split.query).items()}
         self.segments = [unquote(s) for s in split.path.split("/")[1:]]
         self.user = self._user()
         try:
             body = self._read_body()
-            for fault in self.hub._take_faults(method, split.path):
+            for fault in self.hub.take_faults(method, split.path):
                 if fault.kind == "hook" and fault.hook is not None:
                     fault.hook()
                 elif fault.kind == "slow":
                     time.sleep(fault.seconds)
                 elif fault.kind == "status":
                     raise _Reply(fault.status, f"injected HTTP {fault.status}")
+                elif fault.kind == "ignore_range":
+                    self._ignore_range = True
+                elif fault.kind == "short":
+                    self._short = fault.after_bytes
                 elif fault.kind == "drop" and method in ("GET", "HEAD"):
                     self._drop_after = fault.after_bytes
                 elif fault.kind == "drop":  # the request is lost before the Hub acts on it
@@ -114,24 +122,22 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         finally:
-            with self.hub.lock:
-                self.hub.requests.append(
-                    Request(
-                        self.server.role,
-                        method,
-                        split.path,
-                        self.headers.get("Range"),
-                        bool(self.headers.get("Authorization")),
-                        self._status,
-                    )
+            self.hub.log(
+                Request(
+                    self.server.role,
+                    method,
+                    split.path,
+                    self.headers.get("Range"),
+                    bool(self.headers.get("Authorization")),
+                    self._status,
                 )
+            )
 
     def _user(self) -> str | None:
         auth = self.headers.get("Authorization") or ""
         if not auth.lower().startswith("bearer "):
             return None
-        with self.hub.lock:
-            return self.hub.tokens.get(auth[7:].strip())
+        return self.hub.user_of(auth[7:].strip())
 
     def _read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
@@ -167,9 +173,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._json({"error": reply.message, **reply.body}, reply.status, headers)
 
     def _send_blob(self, method: str, sha256: str, size: int, headers: dict[str, str | int]) -> None:
-        """Send a blob with Range support; honours an injected connection drop."""
+        """Send a blob with Range support from its open descriptor (`os.sendfile`: no copy through Python, nothing
+        recomputed per request); honours an injected connection drop, short answer or ignored Range."""
         start, end, status = 0, size - 1, 200
-        spec = None if self.hub.ignore_range else self.headers.get("Range")
+        spec = None if self._ignore_range else self.headers.get("Range")
         if spec:
             match = re.fullmatch(r"\s*bytes=(\d*)-(\d*)\s*", spec)
             if match is None or not (match.group(1) or match.group(2)):
@@ -181,6 +188,8 @@ class _Handler(BaseHTTPRequestHandler):
                 start, end = max(0, size - int(match.group(2))), size - 1
             if start >= size or start > end:
                 raise _Reply(416, "range not satisfiable", headers={"Content-Range": f"bytes */{size}"})
+            if self._short is not None:  # a server that caps its ranges sends less, and says so
+                end = min(end, start + max(1, self._short) - 1)
             status = 206
             headers = {**headers, "Content-Range": f"bytes {start}-{end}/{size}"}
         count = end - start + 1 if size else 0
@@ -191,10 +200,17 @@ class _Handler(BaseHTTPRequestHandler):
         if method == "HEAD" or count == 0:
             return
         limit = count if self._drop_after is None else min(count, self._drop_after)
-        with open(self.hub.blob_path(sha256), "rb") as f:
-            sent = self.connection.sendfile(f, start, limit) if limit else 0
-        with self.hub.lock:
-            self.hub.bytes_sent[sha256] = self.hub.bytes_sent.get(sha256, 0) + sent
+        opened = self.hub.open_blob(sha256)
+        if opened is None:
+            raise ConnectionResetError("blob vanished")  # after the head was sent: the connection just ends
+        self.wfile.flush()
+        sent, out = 0, self.connection.fileno()
+        while sent < limit:
+            n = os.sendfile(out, opened[0], start + sent, limit - sent)
+            if n == 0:
+                break
+            sent += n
+        self.hub.count_sent(sha256, sent)
         if limit < count:
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
@@ -216,7 +232,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _commit_of(self, repo: Repo, revision: str) -> Commit:
         with self.hub.lock:
-            sha = self.hub._resolve_revision(repo, revision)
+            sha = self.hub.resolve_revision(repo, revision)
             if sha is None:
                 raise _Reply(404, f"Invalid rev id: {revision}", code="RevisionNotFound")
             return repo.commits[sha]
@@ -399,7 +415,7 @@ class _Handler(BaseHTTPRequestHandler):
             item: dict = {"oid": oid, "size": size, "authenticated": True}
             if not self.hub.blob_path(oid).exists():
                 expires = int(time.time() + self.hub.cdn_ttl)
-                href = f"{self.hub.cdn_url}/upload/{oid}?expires={expires}&sig={self.hub._sign(oid, expires)}"
+                href = f"{self.hub.cdn_url}/upload/{oid}?expires={expires}&sig={self.hub.sign(oid, expires)}"
                 item["actions"] = {
                     "upload": {"href": href},
                     "verify": {"href": f"{self.hub.url}/{repo_id}.git/info/lfs/objects/verify", "header": {}},
@@ -443,7 +459,7 @@ class _Handler(BaseHTTPRequestHandler):
                     deletes.append(value["path"])
                 else:
                     raise _Reply(400, f"unsupported commit operation {key!r}")
-            sha = self.hub._commit(
+            sha = self.hub.commit(
                 repo, revision, files, message=header.get("summary", ""), delete=tuple(deletes), entries=entries
             )
         self._json({"commitUrl": f"{self.hub.url}/{repo_id}/commit/{sha}", "commitOid": sha, "success": True})
@@ -452,8 +468,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _cdn(self, method: str, body: bytes) -> None:
         if self.headers.get("Authorization"):
-            with self.hub.lock:
-                self.hub.cdn_auth_leaks += 1
+            self.hub.count_cdn_auth_leak()
         s = self.segments
         if len(s) != 2 or s[0] not in ("blobs", "upload"):
             raise _Reply(404, "no such object")
@@ -462,7 +477,7 @@ class _Handler(BaseHTTPRequestHandler):
             expires = int(self.query.get("expires", "0"))
         except ValueError:
             expires = 0
-        if not hmac.compare_digest(self.query.get("sig", ""), self.hub._sign(oid, expires)):
+        if not hmac.compare_digest(self.query.get("sig", ""), self.hub.sign(oid, expires)):
             raise _Reply(403, "SignatureDoesNotMatch")
         if expires < time.time():
             raise _Reply(403, "Request has expired")
@@ -473,10 +488,10 @@ class _Handler(BaseHTTPRequestHandler):
                 raise _Reply(400, "content does not match its oid")
             path = self.hub.blob_path(oid)
             if not path.exists():
-                _atomic_write(path, body)
+                atomic_write(path, body)
             self._send_head(200, {"Content-Length": 0, "ETag": f'"{oid}"'})
             return
-        path = self.hub.blob_path(oid)
-        if method not in ("GET", "HEAD") or not path.exists():
+        opened = self.hub.open_blob(oid) if method in ("GET", "HEAD") else None
+        if opened is None:
             raise _Reply(404, "no such object")
-        self._send_blob(method, oid, path.stat().st_size, {"ETag": f'"{oid}"'})
+        self._send_blob(method, oid, opened[1], {"ETag": f'"{oid}"'})
