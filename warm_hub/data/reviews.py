@@ -38,6 +38,21 @@ def true_reward(text: str) -> int:
     return sum(w in positive for w in words) - sum(w in negative for w in words)
 
 
+def gold_reward(prompts: list, responses: list[str]) -> list[float]:
+    """The ground truth as a gold scorer (`gold(prompts, responses) -> list[float]`, as best-of-N takes it).
+
+    Args:
+        prompts: one prompt per response (unused: the true reward depends on the response only).
+        responses: response texts.
+
+    Returns:
+        `true_reward` of each response, as floats.
+    """
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts for {len(responses)} responses")
+    return [float(true_reward(r)) for r in responses]
+
+
 def sample_prompt(rng: random.Random, domain: str) -> str:
     spec = load_lexicon()["domains"][domain]
     return rng.choice(spec["prompts"]).format(subject=rng.choice(spec["subjects"]))
