@@ -117,6 +117,43 @@ class EvalDocument:
         return self.data
 
 
+def seeds_summary(documents: Sequence[dict], seeds: Sequence[int]) -> dict:
+    """The `seeds` block: for each split, model and comparison, the mean and standard error over seeds.
+
+    Args:
+        documents: one evaluation document per seed, of the same splits and model names.
+        seeds: the seed of each document.
+
+    Returns:
+        {"seeds": [...], "splits": {split: {model: {"mean", "se", "values"}}}, "comparisons": [...]} where a
+        model or comparison missing from a seed's document is left out of that seed's values.
+    """
+    from .stats import standard_error
+
+    def summary(values: list[float]) -> dict:
+        return {"mean": round(sum(values) / len(values), 6), "se": round(standard_error(values), 6),
+                "values": [round(v, 6) for v in values]}
+
+    if len(documents) != len(seeds) or not documents:
+        raise ValueError(f"{len(documents)} documents for {len(seeds)} seeds")
+    splits: dict[str, dict[str, dict]] = {}
+    for split, models in documents[0]["splits"].items():
+        splits[split] = {}
+        for model in models:
+            values = [d["splits"][split][model]["accuracy"] for d in documents if model in d["splits"].get(split, {})]
+            splits[split][model] = summary(values)
+    comparisons = []
+    for first in documents[0].get("comparisons") or []:
+        key = (first["a"], first["b"], first["split"])
+        # The best member may differ from seed to seed: compare by role, not by name.
+        values = [c["difference"] for d in documents for c in d.get("comparisons") or []
+                  if (c["a"], c["split"]) == key[::2] and (c["b"] == first["b"] or (
+                      "selected_on" in c and "selected_on" in first))]
+        label = "best member" if "selected_on" in first else first["b"]
+        comparisons.append({"a": first["a"], "b": label, "split": first["split"], **summary(values)})
+    return {"seeds": list(seeds), "splits": splits, "comparisons": comparisons}
+
+
 def save_results(document: dict, path: str | os.PathLike) -> Path:
     """Check the evaluation document and write it as JSON (two-space indent).
 
