@@ -42,7 +42,7 @@ class DemoConfig:
     )
     corrupt_labels: float = field(default=0.25, metadata={"help": "share of flipped training labels"})
     spurious: float = field(
-        default=0.8,
+        default=0.7,
         metadata={
             "help": "chance that a training (and in-distribution test) pair's chosen response ends with '!' and its"
             " rejected one does not: a nuisance feature unrelated to the true reward; the shifted split reverses"
