@@ -18,11 +18,13 @@ _EXPORTS = {
     "average_models": "warm_hub.in_memory",
     "RewardModel": "warm_hub.reward_model",
     "push_to_hub": "warm_hub.hub",
+    "best_of_n": "warm_hub.best_of_n",
 }
 
 __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .best_of_n import best_of_n  # noqa: F401
     from .hub import push_to_hub  # noqa: F401
     from .in_memory import average_models, average_state_dicts  # noqa: F401
     from .inspect import inspect_ingredients  # noqa: F401

@@ -25,7 +25,9 @@ FLIPPED_SPLIT = "flipped"
 PLOT_NAME = "eval.png"
 SEEDS_DIR = "seeds"
 SEEDS_NAME = "seeds.json"
-DEMO_ENTRIES = ("data", "base", "members", "warm", "demo_config.json", SEEDS_DIR, SEEDS_NAME)
+BEST_OF_N_NAME = "best_of_n.json"
+DEMO_ENTRIES = ("data", "base", "members", "warm", "demo_config.json", "best_of_n", BEST_OF_N_NAME, SEEDS_DIR,
+                SEEDS_NAME)
 # Share of the pretraining reviews that end with the nuisance mark, whatever their mood: the base LM (the
 # best-of-N policy) writes it that often, independently of the true reward.
 CORPUS_MARK_RATE = 0.5
@@ -63,6 +65,10 @@ class DemoConfig:
     dropouts: list[float] = field(default_factory=lambda: [0.05, 0.1], metadata={"help": "dropout grid"})
     baklava: bool = field(default=False, metadata={"help": "start members from different pretraining checkpoints"})
     interpolation_points: int = field(default=11, metadata={"help": "λ values on the member-0/member-1 path"})
+    best_of_n: int = field(
+        default=64, metadata={"help": "candidates per prompt of the best-of-N step against the true reward (0: skip)"}
+    )
+    best_of_n_prompts: int = field(default=32, metadata={"help": "prompts of the best-of-N step"})
     plot: bool = field(default=True, metadata={"help": "draw eval.png when matplotlib is installed"})
     threads: int = field(
         default=1,
@@ -86,6 +92,7 @@ class DemoResult:
     timings: dict[str, float]
     steps_per_second: float | None
     per_seed: list[dict] = field(default_factory=list)
+    best_of_n: dict | None = None
 
 
 def build_tokenizer(corpus: list[str], *, max_length: int):
@@ -242,7 +249,8 @@ def run_demo(config: DemoConfig, *, tqdm_class=None) -> DemoResult:
         first = runs[0]
         first.seconds = time.perf_counter() - started
         if config.seeds > 1:
-            first.per_seed = [{"seed": config.seed + k, "results": r.results} for k, r in enumerate(runs)]
+            first.per_seed = [{"seed": config.seed + k, "results": r.results, "best_of_n": r.best_of_n}
+                              for k, r in enumerate(runs)]
             _summarize_seeds(first, out)
         return first
     finally:
@@ -296,6 +304,13 @@ def _run_demo(config: DemoConfig, out: Path, *, tqdm_class) -> DemoResult:
     results = _evaluate(config, run, merged.out, test_files, tqdm_class=tqdm_class)
     _save_evaluation(config, results, merged.out)
     timings["evaluate"] = time.perf_counter() - tick
+
+    best_of_n = None
+    if config.best_of_n:
+        tick = time.perf_counter()
+        best_of_n = _best_of_n(config, out, policy=checkpoints[-1], members=run.members, warm=merged.out,
+                               tqdm_class=tqdm_class)
+        timings["best_of_n"] = time.perf_counter() - tick
     return DemoResult(
         out=out,
         warm=merged.out,
@@ -304,7 +319,37 @@ def _run_demo(config: DemoConfig, out: Path, *, tqdm_class) -> DemoResult:
         seconds=time.perf_counter() - started,
         timings=timings,
         steps_per_second=steps / train_seconds if train_seconds else None,
+        best_of_n=best_of_n,
     )
+
+
+def _best_of_n(config: DemoConfig, out: Path, *, policy: Path, members: list[Path], warm: Path,
+               tqdm_class) -> dict:
+    """The base LM's samples picked by each member, the ensemble and WARM, scored by the true reward."""
+    from .demo_best_of_n import run_demo_best_of_n
+
+    result = run_demo_best_of_n(policy=policy, members=members, warm=warm, n=config.best_of_n,
+                                prompts=config.best_of_n_prompts, seed=config.seed, cache_dir=out / "best_of_n",
+                                tqdm_class=tqdm_class).to_json()
+    (out / BEST_OF_N_NAME).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return result
+
+
+def best_of_n_over_seeds(per_seed: list[dict]) -> list[dict]:
+    """For each proxy and n: the gold reward of its pick and its win rate against random, mean and standard
+    error over seeds (each seed's figure is already a mean over its prompts)."""
+    from .stats import standard_error
+
+    keys = list(dict.fromkeys((r["proxy"], r["n"]) for r in per_seed[0]["records"]))
+    rows = []
+    for proxy, n in keys:
+        found = [r for seed in per_seed for r in seed["records"] if (r["proxy"], r["n"]) == (proxy, n)]
+        gold = [r["gold_mean"] for r in found]
+        wins = [r["win_rate_vs_random"] for r in found]
+        rows.append({"proxy": proxy, "n": n, "kl": found[0]["kl"], "seeds": len(found),
+                     "gold_mean": round(sum(gold) / len(gold), 6), "gold_se": round(standard_error(gold), 6),
+                     "win_rate_mean": round(sum(wins) / len(wins), 6), "win_rate_se": round(standard_error(wins), 6)})
+    return rows
 
 
 def write_demo_data(config: DemoConfig, folder: Path) -> tuple[Path, dict[str, Path]]:
@@ -405,12 +450,11 @@ def _summarize_seeds(result: DemoResult, out: Path) -> None:
 
     seeds = [entry["seed"] for entry in result.per_seed]
     result.results["seeds"] = seeds_summary([entry["results"] for entry in result.per_seed], seeds)
+    document = {"seeds": seeds, "summary": result.results["seeds"], "per_seed": result.per_seed}
+    if all(entry["best_of_n"] for entry in result.per_seed):
+        result.results["seeds"]["best_of_n"] = best_of_n_over_seeds([e["best_of_n"] for e in result.per_seed])
     write_card(result.warm, eval_results=save_results(result.results, result.warm / EVAL_RESULTS_NAME))
-    (out / SEEDS_NAME).write_text(
-        json.dumps({"seeds": seeds, "summary": result.results["seeds"], "per_seed": result.per_seed}, indent=2)
-        + "\n",
-        encoding="utf-8",
-    )
+    (out / SEEDS_NAME).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
 
 
 def _try_plot(results: dict, path: Path) -> bool:

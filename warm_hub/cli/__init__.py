@@ -21,6 +21,7 @@ COMMANDS = {
     "finetune": "warm_hub.cli.finetune:finetune_command",
     "evaluate": "warm_hub.cli.evaluate:evaluate_command",
     "demo": "warm_hub.cli.demo:demo_command",
+    "best-of-n": "warm_hub.cli.best_of_n:best_of_n_command",
 }
 HELP = {
     "merge": "Average N reward models into one WARM checkpoint (streaming, bounded memory).",
@@ -30,6 +31,7 @@ HELP = {
     "finetune": "Fine-tune M diverse reward models (Bradley-Terry) from a shared init.",
     "evaluate": "Pairwise accuracy of members, their prediction ensemble and WARM.",
     "demo": "The whole pipeline offline on a tiny model: fine-tune, merge, evaluate, card.",
+    "best-of-n": "Gold reward of each proxy's best-of-n pick against KL: the overoptimization curve.",
 }
 
 

@@ -36,6 +36,9 @@ def demo_help(name: str) -> str:
 @click.option("--hidden-size", type=click.IntRange(min=8), default=DemoConfig.hidden_size,
               help=demo_help("hidden_size"))
 @click.option("--layers", type=click.IntRange(min=1), default=DemoConfig.layers, help=demo_help("layers"))
+@click.option("--best-of-n", type=click.IntRange(min=0), default=DemoConfig.best_of_n, help=demo_help("best_of_n"))
+@click.option("--best-of-n-prompts", type=click.IntRange(min=1), default=DemoConfig.best_of_n_prompts,
+              help=demo_help("best_of_n_prompts"))
 @click.option("--plot/--no-plot", default=True, help=demo_help("plot"))
 @click.option("--threads", type=click.IntRange(min=0), default=DemoConfig.threads, help=demo_help("threads"))
 @click.option("--overwrite", is_flag=True, help=demo_help("overwrite"))
@@ -51,10 +54,20 @@ def demo_command(**options) -> None:
     import time
 
     from ..demo import run_demo
+    from .evaluate import format_table
 
     started = time.perf_counter()
     result = run_demo(DemoConfig(**options))
     echo_evaluation(result.results)
+    if result.best_of_n:
+        from ..demo_best_of_n import summary_table
+
+        bon = result.best_of_n
+        click.echo(
+            f"\nBest-of-n against the true reward ({bon['prompts']} prompts x {bon['n']} samples of the base LM at"
+            f" temperature {bon['sampling']['temperature']:g}; gold reward of the pick, mean ± 95% half-width):\n"
+        )
+        click.echo(format_table(summary_table(bon["records"])))
     if result.per_seed:
         echo_seeds(result.results["seeds"])
     wall = time.perf_counter() - started
@@ -107,4 +120,17 @@ def echo_seeds(block: dict) -> None:
         rows = [["a", "b", "split", "a - b"]]
         rows += [[c["a"], c["b"], c["split"], f"{c['mean']:+.3f} ± {c['se']:.3f}"] for c in block["comparisons"]]
         click.echo("")
+        click.echo(format_table(rows))
+    if block.get("best_of_n"):
+        from ..demo_best_of_n import REPORTED_N
+
+        records = block["best_of_n"]
+        sizes = [n for n in REPORTED_N if any(r["n"] == n for r in records)] or sorted({r["n"] for r in records})
+        rows = [["proxy", "", *(f"gold @ n={n}" for n in sizes), f"win vs random @ n={sizes[-1]}"]]
+        for proxy in dict.fromkeys(r["proxy"] for r in records):
+            by_n = {r["n"]: r for r in records if r["proxy"] == proxy}
+            cells = [f"{by_n[n]['gold_mean']:.2f} ± {by_n[n]['gold_se']:.2f}" for n in sizes]
+            last = by_n[sizes[-1]]
+            rows.append([proxy, "", *cells, f"{last['win_rate_mean']:.3f} ± {last['win_rate_se']:.3f}"])
+        click.echo("\nBest-of-n, gold reward of the pick over seeds (mean ± standard error):\n")
         click.echo(format_table(rows))

@@ -46,6 +46,20 @@ def load_preference_data(source: str | Path, *, split: str = "train", revision: 
         SourceNotFoundError: a local path that does not exist.
         PreferenceDataError: the data lacks `chosen`/`rejected`, or the format is not supported.
     """
+    dataset = load_data_source(source, split=split, revision=revision, token=token)
+    check_preference_columns(dataset, label=str(source))
+    return dataset
+
+
+def load_data_source(source: str | Path, *, split: str = "train", revision: str | None = None, token=None):
+    """Load a table of rows from a `.jsonl`/`.json`/`.parquet` file, a data folder or a Hub dataset id.
+
+    The one loader of every data warm-hub reads (preference pairs, best-of-N prompts); the caller checks columns.
+
+    Raises:
+        SourceNotFoundError: a local path that does not exist.
+        PreferenceDataError: the file type is not supported.
+    """
     import datasets
 
     path = Path(source)
@@ -66,8 +80,7 @@ def load_preference_data(source: str | Path, *, split: str = "train", revision: 
     elif _HUB_DATASET_ID.fullmatch(str(source)) and not str(source).startswith((".", "/")):
         dataset = datasets.load_dataset(str(source), split=split, revision=revision, token=token)
     else:
-        raise SourceNotFoundError(f"preference data {str(source)!r} is neither a local file or folder nor a Hub id")
-    check_preference_columns(dataset, label=str(source))
+        raise SourceNotFoundError(f"data {str(source)!r} is neither a local file or folder nor a Hub id")
     return dataset
 
 
