@@ -23,6 +23,7 @@ from warm_hub.stats import wilson_interval
 TINY = [
     "--members", "2", "--train-pairs", "48", "--test-pairs", "12", "--corpus-lines", "64",
     "--pretrain-steps", "4", "--epochs", "1", "--hidden-size", "16", "--layers", "1",
+    "--best-of-n", "4", "--best-of-n-prompts", "2",
 ]
 
 
@@ -157,6 +158,14 @@ def test_demo_over_seeds_reports_mean_and_standard_error(run_cli, tmp_path):
     per_seed = json.loads((out / "seeds.json").read_text())["per_seed"]
     assert [p["seed"] for p in per_seed] == [3, 4] and per_seed[1]["results"]["splits"] == runs[1]["splits"]
     assert "Over 2 seeds (3, 4), mean ± standard error" in stdout
+    # Best-of-n over seeds: each proxy's gold reward at each n, averaged over the seeds' runs.
+    bon = [json.loads((folder / "best_of_n.json").read_text()) for folder in (out, out / "seeds" / "seed-4")]
+    for row in summary["best_of_n"]:
+        gold = [r["gold_mean"] for b in bon for r in b["records"] if (r["proxy"], r["n"]) == (row["proxy"], row["n"])]
+        assert len(gold) == 2 and row["gold_mean"] == pytest.approx(sum(gold) / 2, abs=1e-6)
+        assert row["gold_se"] == pytest.approx(standard_error(gold), abs=1e-6)
+    assert {(r["proxy"], r["n"]) for r in summary["best_of_n"]} == {
+        (p, n) for p in ("member-0", "member-1", "ensemble", "warm") for n in (1, 2, 4)}
     # The card's evaluation section carries the over-seeds table.
     card = (out / "warm" / "README.md").read_text()
     mean, se = summary["splits"]["shifted"]["warm"]["mean"], summary["splits"]["shifted"]["warm"]["se"]
