@@ -157,7 +157,7 @@ def test_cli(models, tmp_path, run_cli):
 def test_demo_step(models, tmp_path):
     from warm_hub import merge
     from warm_hub.data.reviews import true_reward
-    from warm_hub.demo_best_of_n import review_gold, run_demo_best_of_n, summary_table
+    from warm_hub.demo_best_of_n import comparison_table, review_gold, run_demo_best_of_n, summary_table
 
     warm = merge([str(p) for p in models["proxies"]], tmp_path / "warm", device="cpu").out
     result = run_demo_best_of_n(policy=models["policy"], members=models["proxies"], warm=warm, n=4, prompts=4,
@@ -167,5 +167,14 @@ def test_demo_step(models, tmp_path):
     flat = [c for row in result.candidates for c in row]
     assert result.gold.ravel().tolist() == [float(true_reward(c)) for c in flat]
     assert review_gold([None], [[{"role": "assistant", "content": "great but awful and terrible ."}]]) == [-1.0]
+    assert [(c["a"], c["b"], c["n"]) for c in result.comparisons] == [
+        ("warm", other, n) for n in (1, 4) for other in ("rm-0", "rm-1", "ensemble")
+    ]
+    # At n = 1 every proxy picks the same candidate: no difference at all.
+    assert all(c["difference"] == 0 and c["ci"] == [0, 0] for c in result.comparisons if c["n"] == 1)
+    four = result.compare("warm", "ensemble", 4)
+    diff = result.picked_gold("warm", 4) - result.picked_gold("ensemble", 4)
+    assert four["difference"] == pytest.approx(diff.mean()) and four["ci"][0] <= four["difference"] <= four["ci"][1]
+    assert comparison_table(result.comparisons)[1][0] == "warm - rm-0"
     rows = summary_table(result.records)
     assert rows[0] == ["proxy", "gold @ n=1", "gold @ n=4", "win vs random @ n=4"] and len(rows) == 5

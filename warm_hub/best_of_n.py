@@ -72,6 +72,7 @@ class BestOfNResult:
         rewards: proxy name -> array (prompts, N) of its rewards.
         gold: array (prompts, N) of the gold rewards.
         sizes: the n values.
+        comparisons: `compare` records a caller chose to keep (written to the JSON).
     """
 
     records: list[dict]
@@ -81,6 +82,7 @@ class BestOfNResult:
     gold: np.ndarray
     sizes: list[int]
     sampling: SamplingConfig
+    comparisons: list[dict] = field(default_factory=list)
 
     @property
     def proxies(self) -> list[str]:
@@ -96,7 +98,27 @@ class BestOfNResult:
             "sampling": asdict(self.sampling),
             "proxies": self.proxies,
             "records": self.records,
+            "comparisons": self.comparisons,
         }
+
+    def picked_gold(self, proxy: str, n: int) -> np.ndarray:
+        """Gold reward, per prompt, of `proxy`'s best-of-`n` pick (the first highest on ties)."""
+        pick = np.argmax(self.rewards[proxy][:, :n], axis=1)
+        return self.gold[np.arange(self.gold.shape[0]), pick]
+
+    def compare(self, a: str, b: str, n: int) -> dict:
+        """Gold of `a`'s best-of-`n` picks minus `b`'s, paired over prompts, with a paired-bootstrap 95% interval.
+
+        Returns:
+            `{"a", "b", "n", "difference", "ci"}`.
+        """
+        from .stats import paired_bootstrap
+
+        for name in (a, b):
+            if name not in self.rewards:
+                raise InvalidOptionError(f"no proxy {name!r} (proxies: {self.proxies})")
+        difference, ci = paired_bootstrap(self.picked_gold(a, n), self.picked_gold(b, n))
+        return {"a": a, "b": b, "n": int(n), "difference": difference, "ci": list(ci)}
 
     def table(self) -> list[list[str]]:
         """Rows for a text table: header, then one row per proxy and n."""

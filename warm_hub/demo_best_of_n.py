@@ -70,13 +70,14 @@ def run_demo_best_of_n(
         tqdm_class: progress bar class.
 
     Returns:
-        The `BestOfNResult`; its records name the proxies by folder (`member-0`, ..., `ensemble`, `warm`).
+        The `BestOfNResult`; its records name the proxies by folder (`member-0`, ..., `ensemble`, `warm`); its
+        comparisons are WARM minus each other proxy, at n = 1, 4, 16, 64 (those up to `n`).
     """
     if cache_dir is None:
         cache_dir = Path(policy).parent / CACHE_FOLDER
     sampling = SamplingConfig(n=n, seed=seed, temperature=temperature, max_new_tokens=max_new_tokens,
                               generation_batch_size=DEMO_GENERATION_BATCH)
-    return best_of_n(
+    result = best_of_n(
         [*map(str, members), str(warm)],
         policy=str(policy),
         prompts=demo_prompts(prompts, seed=seed),
@@ -89,6 +90,12 @@ def run_demo_best_of_n(
         batch_size=batch_size,
         tqdm_class=tqdm_class,
     )
+    # Paired over prompts: what the proxies share (an easy prompt, a lucky set of candidates) cancels out.
+    warm_name = result.proxies[len(members)]
+    others = [p for p in result.proxies if p != warm_name]
+    result.comparisons = [result.compare(warm_name, other, size) for size in result.sizes if size in REPORTED_N
+                          for other in others]
+    return result
 
 
 def summary_table(records: Sequence[dict], sizes: Sequence[int] = REPORTED_N) -> list[list[str]]:
@@ -103,4 +110,15 @@ def summary_table(records: Sequence[dict], sizes: Sequence[int] = REPORTED_N) ->
         cells = [f"{by_n[s]['gold_mean']:.2f} ± {(by_n[s]['gold_ci'][1] - by_n[s]['gold_ci'][0]) / 2:.2f}"
                  for s in sizes]
         rows.append([proxy, *cells, f"{by_n[largest]['win_rate_vs_random']:.3f}"])
+    return rows
+
+
+def comparison_table(comparisons: Sequence[dict]) -> list[list[str]]:
+    """Rows of a table of paired differences: `a - b` at each n, with the 95% interval."""
+    sizes = sorted({c["n"] for c in comparisons})
+    rows = [["difference", *(f"n={s}" for s in sizes)]]
+    for pair in dict.fromkeys((c["a"], c["b"]) for c in comparisons):
+        by_n = {c["n"]: c for c in comparisons if (c["a"], c["b"]) == pair}
+        rows.append([f"{pair[0]} - {pair[1]}", *(
+            f"{by_n[s]['difference']:+.2f} [{by_n[s]['ci'][0]:+.2f}, {by_n[s]['ci'][1]:+.2f}]" for s in sizes)])
     return rows
