@@ -20,6 +20,7 @@ from warm_hub.evaluate import (
     results_table,
 )
 from warm_hub.finetune.data import join_prompt_response
+from warm_hub.stats import wilson_interval
 from warm_hub.testing.preference_data import review_pairs, review_tokenizer, tiny_reward_model, write_pairs
 
 
@@ -71,8 +72,13 @@ def test_accuracy_on_a_constructed_case(members, rows):
     split = load_split(built, name="built")
     document = evaluate_models([members[0]], [split], device="cpu", batch_size=5)
     (model,) = document["models"]
-    assert document["splits"]["built"]["member-0"] == {"accuracy": pytest.approx(7 / 24), "n": 24}
+    low, high = wilson_interval(7, 24)
+    assert document["splits"]["built"]["member-0"] == {
+        "accuracy": pytest.approx(7 / 24), "n": 24, "ci": [pytest.approx(low, abs=1e-6), pytest.approx(high, abs=1e-6)]
+    }
     assert model["kind"] == "member" and model["name"] == "member-0"
+    # One model: nothing to compare it with.
+    assert document["comparisons"] == []
 
 
 def test_ensemble_warm_interpolation_and_greedy(tmp_path, members, rows):
@@ -112,7 +118,18 @@ def test_ensemble_warm_interpolation_and_greedy(tmp_path, members, rows):
     assert document["model"] == "warm"
     assert set(greedy["selected"]) <= set(held)
     rows_printed = results_table(document)
-    assert rows_printed[0] == ["model", "kind", "held_out", "test"] and len(rows_printed) == 8
+    assert rows_printed[0] == ["model", "role", "held_out: pairwise accuracy [95% CI] (n=12)",
+                               "test: pairwise accuracy [95% CI] (n=12)"]
+    assert len(rows_printed) == 8 and rows_printed[4][2].startswith(f"{acc('warm', 'held_out'):.3f} [")
+    # WARM (merged and in memory) against the ensemble and the best member on the first split, on every split.
+    best = max(held, key=lambda m: (held[m], -list(held).index(m)))
+    pairs = {(c["a"], c["b"], c["split"]) for c in document["comparisons"]}
+    assert pairs == {(a, b, s) for a in ("warm", "warm (in memory)") for b in ("ensemble", best)
+                     for s in ("held_out", "test")}
+    for c in document["comparisons"]:
+        assert c["difference"] == pytest.approx(acc(c["a"], c["split"]) - acc(c["b"], c["split"]), abs=1e-6)
+        assert c["ci"][0] <= c["difference"] <= c["ci"][1] and c["n"] == 12
+        assert c.get("selected_on") == (None if c["b"] == "ensemble" else "held_out")
 
 
 def test_in_memory_average_matches_the_merged_checkpoint(tmp_path, members, rows):
@@ -148,7 +165,8 @@ def test_results_render_on_the_model_card(tmp_path, members, rows):
     card = ModelCard.load(warm / "README.md")
     assert "synthetic reviews" in card.text
     accuracy = document["splits"]["test"]["warm"]["accuracy"]
-    assert f"**warm** | {accuracy:.3f}" in card.text
+    low, high = document["splits"]["test"]["warm"]["ci"]
+    assert f"**warm** | {accuracy:.3f} [{low:.3f}, {high:.3f}] (n=24) |" in card.text
     assert "![" in card.text and (warm / "eval.png").is_file()
 
 
@@ -165,6 +183,26 @@ def test_models_on_the_hub_are_recognised(hub_server, monkeypatch, tmp_path, mem
     assert document["model"] == "alice/warm-rm"
     local = evaluate_models([warm], [load_split(rows, name="all")], device="cpu")
     assert document["splits"]["all"]["alice/warm-rm"] == local["splits"]["all"]["warm"]
+
+
+def test_roles_are_shown_and_can_be_set(tmp_path, members, rows):
+    # Another tool's merge (no warm_recipe.yaml) would count as a member; --role says what it is.
+    other = warm_hub.merge([str(m) for m in members[:2]], tmp_path / "other-merge", device="cpu").out
+    (other / "warm_recipe.yaml").unlink()
+    split = load_split(rows, name="all")
+    detected = evaluate_models([*members[:2], other], [split], device="cpu")
+    assert [m["kind"] for m in detected["models"]] == ["member", "member", "member", "ensemble"]
+    assert detected["models"][3]["members"] == ["member-0", "member-1", "other-merge"]
+    roles = {"other-merge": "warm", str(members[0]): "reference"}
+    document = evaluate_models([*members[:2], other], [split], roles=roles, device="cpu")
+    assert [(m["name"], m["kind"]) for m in document["models"]] == [
+        ("member-0", "reference"), ("member-1", "member"), ("other-merge", "warm")]
+    assert [r[1] for r in results_table(document)[1:]] == ["reference", "member", "warm"]
+    assert document["model"] == "other-merge"
+    with pytest.raises(InvalidOptionError, match="unknown role"):
+        evaluate_models(members[:1], [split], roles={"member-0": "judge"}, device="cpu")
+    with pytest.raises(InvalidOptionError, match="not among the models"):
+        evaluate_models(members[:1], [split], roles={"nobody": "warm"}, device="cpu")
 
 
 def test_option_errors(members, rows):
@@ -188,7 +226,7 @@ def test_cli_evaluate_writes_json_and_plot(run_cli, tmp_path, members, rows):
         "--device", "cpu",
     )
     assert code == 0, err
-    assert "ensemble" in out and "member-1" in out and "interpolation" in out
+    assert "ensemble" in out and "member-1" in out and "interpolation" in out and "pairwise accuracy" in out
     document = load_results(tmp_path / "eval.json")
     assert document["format"] == EVAL_FORMAT
     assert list(document["splits"]) == ["test", "shifted"]

@@ -3,7 +3,9 @@ differ from each other and start from one shared head."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,6 +38,10 @@ def tensors(folder) -> dict[str, torch.Tensor]:
         with safe_open(str(file), "pt") as f:
             out.update({k: f.get_tensor(k) for k in f.keys()})
     return out
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -175,6 +181,27 @@ def test_finetune_writes_loadable_diverse_members_from_one_shared_head(tmp_path,
             assert any(not torch.equal(weights[a][k], weights[b][k]) for k in weights[a]), (a, b)
     assert (tmp_path / "run" / "warm_finetune.yaml").is_file()
     assert not (tmp_path / "run" / ".trainer").exists()
+
+
+def test_corrupt_labels_writes_the_flipped_pairs_as_trained_on(tmp_path, base, train_file):
+    result = finetune(small_config(base, train_file, tmp_path / "run", members=1, corrupt_labels=0.25,
+                                   corrupt_seed=7, max_steps=1))
+    flipped, clean = read_jsonl(tmp_path / "run" / "flipped.jsonl"), read_jsonl(tmp_path / "run" / "clean.jsonl")
+    original = read_jsonl(train_file)
+    assert len(flipped) == round(0.25 * len(original)) and len(flipped) + len(clean) == len(original)
+    # Written as trained on: a flipped pair's chosen is the original rejected; clean pairs are unchanged.
+    by_rejected = {row["rejected"]: row for row in original}
+    for row in flipped:
+        source = by_rejected[row["chosen"]]
+        assert (row["rejected"], row["chosen_reward"]) == (source["chosen"], source["rejected_reward"])
+        assert row["chosen_reward"] < row["rejected_reward"]
+        assert "label_flipped" not in row
+    assert all(row["chosen_reward"] > row["rejected_reward"] for row in clean)
+    # The same seed picks the same pairs: the member's config says which.
+    member = yaml.safe_load((result.members[0] / "warm_member.yaml").read_text())
+    assert member["corrupt_seed"] == 7
+    again = corrupt_labels(load_preference_data(str(train_file)), 0.25, seed=member["corrupt_seed"])
+    assert sorted(r["chosen"] for r in again if r["label_flipped"]) == sorted(r["chosen"] for r in flipped)
 
 
 def test_members_start_from_the_probed_shared_head(tmp_path, base, train_file):

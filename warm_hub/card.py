@@ -10,30 +10,25 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import shlex
 import shutil
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 import yaml
 from huggingface_hub.utils import logging
 
-from .errors import InvalidOptionError
+from .eval_results import EVAL_RESULTS_NAME, EvalResults
 from .recipe import Ingredient, WarmRecipe
 
 logger = logging.get_logger(__name__)
 
 TEMPLATE = "warm_model_card.md.jinja"
 CARD_NAME = "README.md"
-EVAL_RESULTS_NAME = "eval_results.json"
 TAGS = ["warm", "reward-model", "merge", "warm-hub"]
 MAX_CARD_BYTES = 1 << 20
-THIS_MODEL_KEYS = ("warm", "WARM", "merged", "this model")
 PLOT_SUFFIXES = (".png", ".jpg", ".jpeg", ".svg", ".webp", ".gif")
-MODEL_INDEX_TASK = "Reward modeling (pairwise preference accuracy)"
 DEFAULT_HUB_URL = "https://huggingface.co"
 
 
@@ -42,188 +37,6 @@ def hub_url() -> str:
     from huggingface_hub import constants
 
     return (constants.ENDPOINT or DEFAULT_HUB_URL).rstrip("/")
-
-
-@dataclass
-class EvalResults:
-    """Pairwise accuracies to show on the card, read from an eval-results JSON.
-
-    The accepted JSON (written by `warm-hub evaluate --json FILE`)::
-
-        {
-          "dataset": {"name": "HH-RLHF harmless", "type": "Anthropic/hh-rlhf", "config": null, "revision": null},
-          "splits": {"test": {"WARM": {"accuracy": 0.712, "n": 500}, "member-0": {"accuracy": 0.69, "n": 500}}},
-          "model": "WARM",
-          "plot": "eval.png"
-        }
-
-    `splits` maps a split name to model name -> {"accuracy": float in [0, 1], "n": int (optional)}. `model`
-    (optional) names this merged model's entry; else the one entry of kind "warm" in `models` (as
-    `warm-hub evaluate` writes them), an entry named `warm`/`WARM`/`merged`, or the card's model name.
-    Other keys (`format`, `metric`, `models`, `data`, ...) are allowed and ignored. `dataset.type` (a Hub
-    dataset id) is needed for the `model-index` front matter; without it the card still shows the table.
-    `plot` (optional) is an image path relative to the JSON file.
-    """
-
-    splits: dict[str, dict[str, dict[str, float]]]
-    dataset_name: str | None = None
-    dataset_type: str | None = None
-    dataset_config: str | None = None
-    dataset_revision: str | None = None
-    model: str | None = None
-    plot: Path | None = None
-    raw: dict = field(default_factory=dict)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> EvalResults:
-        """Read and validate an eval-results JSON file.
-
-        Raises:
-            InvalidOptionError: unreadable, or not of the documented schema.
-        """
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise InvalidOptionError(f"{path}: no such eval-results file") from None
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            raise InvalidOptionError(f"{path}: not a readable JSON file ({exc})") from None
-        results = cls.from_dict(data, where=str(path))
-        if results.plot is not None and not results.plot.is_absolute():
-            results.plot = path.parent / results.plot
-        return results
-
-    @classmethod
-    def from_dict(cls, data: object, *, where: str = "eval results") -> EvalResults:
-        def bad(problem: str) -> InvalidOptionError:
-            return InvalidOptionError(f"{where}: {problem} (see warm_hub.card.EvalResults for the schema)")
-
-        if not isinstance(data, dict):
-            raise bad("expected a JSON object")
-        splits = data.get("splits")
-        if not isinstance(splits, dict) or not splits:
-            raise bad('"splits" must map split names to {model name: {"accuracy": ..., "n": ...}}')
-        clean: dict[str, dict[str, dict[str, float]]] = {}
-        for split, models in splits.items():
-            if not isinstance(models, dict) or not models:
-                raise bad(f"split {split!r} must map model names to results")
-            clean[str(split)] = {}
-            for model, result in models.items():
-                if isinstance(result, int | float) and not isinstance(result, bool):
-                    result = {"accuracy": result}
-                accuracy = result.get("accuracy") if isinstance(result, dict) else None
-                if isinstance(accuracy, bool) or not isinstance(accuracy, int | float) or not math.isfinite(accuracy):
-                    raise bad(f'{split}/{model}: "accuracy" must be a number')
-                if not 0 <= accuracy <= 1:
-                    raise bad(f"{split}/{model}: accuracy {accuracy} is not a fraction in [0, 1]")
-                entry = {"accuracy": float(accuracy)}
-                n = result.get("n")
-                if n is not None:
-                    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-                        raise bad(f'{split}/{model}: "n" must be a count of pairs')
-                    entry["n"] = n
-                clean[str(split)][str(model)] = entry
-        dataset = data.get("dataset") or {}
-        if isinstance(dataset, str):
-            dataset = {"name": dataset}
-        if not isinstance(dataset, dict):
-            raise bad('"dataset" must be an object with "name" and "type"')
-        plot = data.get("plot")
-        if plot is not None and not isinstance(plot, str):
-            raise bad('"plot" must be a file name')
-        model = data.get("model")
-        if model is None and isinstance(data.get("models"), list):
-            # `warm-hub evaluate` describes its models; a single WARM entry is this model.
-            warm = [m.get("name") for m in data["models"] if isinstance(m, dict) and m.get("kind") == "warm"]
-            model = warm[0] if len(warm) == 1 else None
-        return cls(
-            splits=clean,
-            dataset_name=_text(dataset.get("name")) or _text(dataset.get("type")),
-            dataset_type=_text(dataset.get("type")),
-            dataset_config=_text(dataset.get("config")),
-            dataset_revision=_text(dataset.get("revision")),
-            model=_text(model),
-            plot=Path(plot) if plot else None,
-            raw=data,
-        )
-
-    def to_dict(self) -> dict:
-        """The documented JSON form (what `load` reads)."""
-        dataset = {"name": self.dataset_name, "type": self.dataset_type}
-        if self.dataset_config:
-            dataset["config"] = self.dataset_config
-        if self.dataset_revision:
-            dataset["revision"] = self.dataset_revision
-        data: dict = {"dataset": dataset, "splits": self.splits}
-        if self.model:
-            data["model"] = self.model
-        if self.plot is not None:
-            data["plot"] = self.plot.name
-        return data
-
-    def models(self) -> list[str]:
-        """Every model named in any split, in order of first appearance."""
-        seen: dict[str, None] = {}
-        for models in self.splits.values():
-            seen.update(dict.fromkeys(models))
-        return list(seen)
-
-    def this_model(self, model_name: str | None) -> str | None:
-        """The entry of the merged model itself, if one can be told apart."""
-        names = self.models()
-        if self.model:
-            return self.model if self.model in names else None
-        for candidate in (*THIS_MODEL_KEYS, model_name):
-            if candidate in names:
-                return candidate
-        lowered = {name.lower(): name for name in names}
-        return next((lowered[k.lower()] for k in THIS_MODEL_KEYS if k.lower() in lowered), None)
-
-    def rows(self, model_name: str | None) -> list[dict]:
-        this = self.this_model(model_name)
-        rows = []
-        for name in self.models():
-            cells = []
-            for split in self.splits:
-                result = self.splits[split].get(name)
-                if result is None:
-                    cells.append("–")
-                else:
-                    n = f" (n={result['n']})" if "n" in result else ""
-                    cells.append(f"{result['accuracy']:.3f}{n}")
-            rows.append({"name": f"**{name}**" if name == this else name, "values": cells})
-        return rows
-
-    def model_index(self, model_name: str | None) -> list[dict]:
-        """The `results` of the card's `model-index` for the merged model, or [] when not possible."""
-        this = self.this_model(model_name)
-        if this is None or not self.dataset_type:
-            return []
-        results = []
-        for split, models in self.splits.items():
-            if this not in models:
-                continue
-            dataset = {
-                "name": self.dataset_name or self.dataset_type,
-                "type": self.dataset_type,
-                "config": self.dataset_config,
-                "split": split,
-                "revision": self.dataset_revision,
-            }
-            results.append(
-                {
-                    "task": {"type": "text-classification", "name": MODEL_INDEX_TASK},
-                    "dataset": {k: v for k, v in dataset.items() if v is not None},
-                    "metrics": [
-                        {"type": "accuracy", "value": round(models[this]["accuracy"], 6), "name": "Pairwise accuracy"}
-                    ],
-                }
-            )
-        return results
-
-
-def _text(value: object) -> str | None:
-    return str(value) if value not in (None, "") else None
 
 
 def reproduce_command(recipe: WarmRecipe, *, out: str) -> str:
@@ -373,6 +186,7 @@ def render_card(
     """
     name = model_name or (repo_id.split("/")[-1] if repo_id else "warm-reward-model")
     metadata = card_metadata(recipe, model_name=name, license=license, datasets=datasets, eval_results=eval_results)
+    seeds, seed_splits, seed_rows = eval_results.seed_rows(name) if eval_results else ([], [], [])
     front_matter = yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True, width=1000).strip()
     text = load_template().render(
         card_data=front_matter,
@@ -391,6 +205,10 @@ def render_card(
         adapter_output=recipe.output == "adapter",
         hub_url=hub_url(),
         default_hub_url=DEFAULT_HUB_URL,
+        eval_intervals=bool(eval_results) and any("ci" in r for m in eval_results.splits.values() for r in m.values()),
+        seeds=seeds,
+        seed_splits=seed_splits,
+        seed_rows=seed_rows,
     )
     return text.rstrip("\n") + "\n"
 

@@ -1,27 +1,36 @@
 """`warm-hub demo`: the whole WARM pipeline offline, in minutes on a CPU, from data shipped with the package.
 
 A word-level tokenizer and a tiny GPT-2 are trained on synthetic reviews; M members are fine-tuned on preference
-pairs with 25% flipped labels, merged by the streaming engine and evaluated against the known ground truth.
+pairs with 25% flipped labels and a planted nuisance feature, merged by the streaming engine and evaluated against
+the known ground truth: clean in-distribution pairs, shifted pairs (another domain, the nuisance reversed) and the
+flipped training pairs (how much of the noise each model memorized). `--seeds S` repeats it all S times.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from huggingface_hub.utils import logging
 
-from .errors import OutputExistsError
+from .errors import InvalidOptionError, OutputExistsError
 
 logger = logging.get_logger(__name__)
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
 SPLIT_FILES = {"in_distribution": "test_in_distribution.jsonl", "shifted": "test_shifted.jsonl"}
+FLIPPED_SPLIT = "flipped"
 PLOT_NAME = "eval.png"
+SEEDS_DIR = "seeds"
+SEEDS_NAME = "seeds.json"
 BEST_OF_N_NAME = "best_of_n.json"
-DEMO_ENTRIES = ("data", "base", "members", "warm", "demo_config.json", "best_of_n", BEST_OF_N_NAME)
+DEMO_ENTRIES = ("data", "base", "members", "warm", "demo_config.json", "best_of_n", BEST_OF_N_NAME, SEEDS_DIR,
+                SEEDS_NAME)
+# Share of the pretraining reviews that end with the nuisance mark, whatever their mood: the base LM (the
+# best-of-N policy) writes it that often, independently of the true reward.
+CORPUS_MARK_RATE = 0.5
 
 
 @dataclass
@@ -29,7 +38,19 @@ class DemoConfig:
     out: str = field(default="warm-demo", metadata={"help": "output folder"})
     members: int = field(default=4, metadata={"help": "reward models to fine-tune and merge (M)"})
     seed: int = field(default=0, metadata={"help": "seed of data, model init and training"})
+    seeds: int = field(
+        default=1,
+        metadata={"help": "run the whole pipeline with seeds seed, seed+1, ...; report the mean and standard error"},
+    )
     corrupt_labels: float = field(default=0.25, metadata={"help": "share of flipped training labels"})
+    spurious: float = field(
+        default=0.7,
+        metadata={
+            "help": "chance that a training (and in-distribution test) pair's chosen response ends with '!' and its"
+            " rejected one does not: a nuisance feature unrelated to the true reward; the shifted split reverses"
+            " it (1 - spurious); 0.5 plants nothing"
+        },
+    )
     train_pairs: int = field(default=1000, metadata={"help": "training preference pairs"})
     test_pairs: int = field(default=500, metadata={"help": "pairs in each test split"})
     corpus_lines: int = field(default=4000, metadata={"help": "reviews in the base model's pretraining text"})
@@ -70,6 +91,7 @@ class DemoResult:
     seconds: float
     timings: dict[str, float]
     steps_per_second: float | None
+    per_seed: list[dict] = field(default_factory=list)
     best_of_n: dict | None = None
 
 
@@ -78,11 +100,11 @@ def build_tokenizer(corpus: list[str], *, max_length: int):
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from .data.reviews import load_lexicon
+    from .data.reviews import MARK, load_lexicon
 
     lexicon = load_lexicon()
     # Every lexicon word gets a token even if the sampled corpus happens to miss one.
-    words = lexicon["positive"] + lexicon["negative"] + lexicon["neutral"] + lexicon["ratings"]
+    words = lexicon["positive"] + lexicon["negative"] + lexicon["neutral"] + lexicon["ratings"] + [MARK]
     for spec in lexicon["domains"].values():
         words += spec["subjects"] + spec["aspects"]
     backend = Tokenizer(models.WordLevel(unk_token="[UNK]"))
@@ -194,68 +216,71 @@ def write_jsonl(rows: list[dict], path: Path) -> Path:
 
 
 def run_demo(config: DemoConfig, *, tqdm_class=None) -> DemoResult:
-    """Run the demo end to end into `config.out`.
+    """Run the demo end to end into `config.out`, once per seed.
 
     Layout: `data/` (pairs with their true rewards), `base/` (tiny LM, tokenizer, checkpoints), `members/`
-    (fine-tuned members and their shared init), `warm/` (the merged WARM model with its card,
-    `eval_results.json` and `eval.png`), `demo_config.json`.
+    (fine-tuned members, their shared init and the flipped/clean training pairs), `warm/` (the merged WARM model
+    with its card, `eval_results.json` and `eval.png`), `demo_config.json`. With several seeds, the first seed's
+    run is laid out so and every later seed's goes to `seeds/seed-<s>/`; `seeds.json` holds every seed's
+    evaluation, and WARM's `eval_results.json` and card carry the mean and standard error over seeds.
 
     Raises:
         OutputExistsError: `config.out` is not empty and `config.overwrite` is false.
+        InvalidOptionError: fewer than one seed.
     """
     import torch
 
+    if config.seeds < 1:
+        raise InvalidOptionError(f"--seeds must be 1 or more, got {config.seeds}")
+    if tqdm_class is None:
+        from huggingface_hub.utils import tqdm as tqdm_class
     previous = torch.get_num_threads()
     if config.threads > 0:
         torch.set_num_threads(config.threads)
     try:
-        return _run_demo(config, tqdm_class=tqdm_class)
+        started = time.perf_counter()
+        out = Path(config.out)
+        _prepare_output(out, overwrite=config.overwrite)
+        (out / "demo_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n", encoding="utf-8")
+        runs = []
+        for k in range(config.seeds):
+            folder = out if k == 0 else out / SEEDS_DIR / f"seed-{config.seed + k}"
+            runs.append(_run_demo(replace(config, seed=config.seed + k), folder, tqdm_class=tqdm_class))
+        first = runs[0]
+        first.seconds = time.perf_counter() - started
+        if config.seeds > 1:
+            first.per_seed = [{"seed": config.seed + k, "results": r.results, "best_of_n": r.best_of_n}
+                              for k, r in enumerate(runs)]
+            _summarize_seeds(first, out)
+        return first
     finally:
         torch.set_num_threads(previous)
 
 
-def _run_demo(config: DemoConfig, *, tqdm_class) -> DemoResult:
+def _prepare_output(out: Path, *, overwrite: bool) -> None:
     import shutil
 
-    from .card import write_card
-    from .data.reviews import IN_DISTRIBUTION, SHIFTED, preference_pairs, pretraining_corpus
-    from .evaluate import EVAL_RESULTS_NAME, evaluate_models, load_split, save_results
-    from .finetune import FinetuneConfig, finetune
-    from .merging import merge
-
-    if tqdm_class is None:
-        from huggingface_hub.utils import tqdm as tqdm_class
-    started = time.perf_counter()
-    timings: dict[str, float] = {}
-    out = Path(config.out)
     if out.is_file():
         raise OutputExistsError(f"{out} exists and is a file")
     if out.is_dir() and any(out.iterdir()):
-        if not config.overwrite:
+        if not overwrite:
             raise OutputExistsError(f"{out} exists and is not empty (pass --overwrite to replace it)")
         # Only what a demo writes goes: `--out . --overwrite` must not empty someone's folder.
         for entry in out.iterdir():
             if entry.name in DEMO_ENTRIES or entry.name.startswith("warm.warm-hub-"):
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "demo_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n", encoding="utf-8")
 
+
+def _run_demo(config: DemoConfig, out: Path, *, tqdm_class) -> DemoResult:
+    """One seed of the pipeline into `out`: data, base, members, merge, evaluation and card."""
+    from .merging import merge
+
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
     tick = time.perf_counter()
-    data = out / "data"
-    train_file = write_jsonl(preference_pairs(config.train_pairs, domain=IN_DISTRIBUTION, seed=config.seed),
-                             data / "train.jsonl")
-    # Test seeds are offset so that no test pair is drawn from the training stream.
-    test_files = {
-        "in_distribution": write_jsonl(
-            preference_pairs(config.test_pairs, domain=IN_DISTRIBUTION, seed=config.seed + 10_000),
-            data / SPLIT_FILES["in_distribution"],
-        ),
-        "shifted": write_jsonl(
-            preference_pairs(config.test_pairs, domain=SHIFTED, seed=config.seed + 20_000),
-            data / SPLIT_FILES["shifted"],
-        ),
-    }
-    corpus = pretraining_corpus(config.corpus_lines, seed=config.seed)
+    train_file, test_files = write_demo_data(config, out / "data")
+    corpus = pretraining_corpus_for(config)
     tokenizer = build_tokenizer([row["text"] for row in corpus], max_length=96)
     timings["data"] = time.perf_counter() - tick
 
@@ -265,11 +290,108 @@ def _run_demo(config: DemoConfig, *, tqdm_class) -> DemoResult:
     timings["pretrain"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
-    run = finetune(
+    run = _finetune_members(config, out / "members", checkpoints=checkpoints, train_file=train_file,
+                            tqdm_class=tqdm_class)
+    timings["finetune"] = time.perf_counter() - tick
+    steps = sum(m.steps or 0 for m in run.member_configs)
+    train_seconds = sum(m.train_seconds or 0.0 for m in run.member_configs)
+
+    tick = time.perf_counter()
+    merged = merge([str(p) for p in run.members], out / "warm", device="cpu", tqdm_class=tqdm_class)
+    timings["merge"] = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    results = _evaluate(config, run, merged.out, test_files, tqdm_class=tqdm_class)
+    _save_evaluation(config, results, merged.out)
+    timings["evaluate"] = time.perf_counter() - tick
+
+    best_of_n = None
+    if config.best_of_n:
+        tick = time.perf_counter()
+        best_of_n = _best_of_n(config, out, policy=checkpoints[-1], members=run.members, warm=merged.out,
+                               tqdm_class=tqdm_class)
+        timings["best_of_n"] = time.perf_counter() - tick
+    return DemoResult(
+        out=out,
+        warm=merged.out,
+        members=list(run.members),
+        results=results,
+        seconds=time.perf_counter() - started,
+        timings=timings,
+        steps_per_second=steps / train_seconds if train_seconds else None,
+        best_of_n=best_of_n,
+    )
+
+
+def _best_of_n(config: DemoConfig, out: Path, *, policy: Path, members: list[Path], warm: Path,
+               tqdm_class) -> dict:
+    """The base LM's samples picked by each member, the ensemble and WARM, scored by the true reward."""
+    from .demo_best_of_n import run_demo_best_of_n
+
+    result = run_demo_best_of_n(policy=policy, members=members, warm=warm, n=config.best_of_n,
+                                prompts=config.best_of_n_prompts, seed=config.seed, cache_dir=out / "best_of_n",
+                                tqdm_class=tqdm_class).to_json()
+    (out / BEST_OF_N_NAME).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return result
+
+
+def best_of_n_over_seeds(per_seed: list[dict]) -> list[dict]:
+    """For each proxy and n: the gold reward of its pick and its win rate against random, mean and standard
+    error over seeds (each seed's figure is already a mean over its prompts)."""
+    from .stats import standard_error
+
+    keys = list(dict.fromkeys((r["proxy"], r["n"]) for r in per_seed[0]["records"]))
+    rows = []
+    for proxy, n in keys:
+        found = [r for seed in per_seed for r in seed["records"] if (r["proxy"], r["n"]) == (proxy, n)]
+        gold = [r["gold_mean"] for r in found]
+        wins = [r["win_rate_vs_random"] for r in found]
+        rows.append({"proxy": proxy, "n": n, "kl": found[0]["kl"], "seeds": len(found),
+                     "gold_mean": round(sum(gold) / len(gold), 6), "gold_se": round(standard_error(gold), 6),
+                     "win_rate_mean": round(sum(wins) / len(wins), 6), "win_rate_se": round(standard_error(wins), 6)})
+    return rows
+
+
+def write_demo_data(config: DemoConfig, folder: Path) -> tuple[Path, dict[str, Path]]:
+    """The training pairs and the two clean test splits (in distribution, shifted), as JSONL files.
+
+    The nuisance mark goes with the chosen response in training and in-distribution pairs (`config.spurious`)
+    and against it in the shifted split, so a model that learned the mark rather than the sentiment loses there.
+
+    Returns:
+        The training file and {split name: file}.
+    """
+    from .data.reviews import IN_DISTRIBUTION, SHIFTED, preference_pairs
+
+    spurious = config.spurious
+    train = preference_pairs(config.train_pairs, domain=IN_DISTRIBUTION, seed=config.seed, spurious=spurious)
+    # Test seeds are offset so that no test pair is drawn from the training stream.
+    tests = {
+        "in_distribution": preference_pairs(config.test_pairs, domain=IN_DISTRIBUTION, seed=config.seed + 10_000,
+                                            spurious=spurious),
+        "shifted": preference_pairs(config.test_pairs, domain=SHIFTED, seed=config.seed + 20_000,
+                                    spurious=1 - spurious),
+    }
+    return write_jsonl(train, folder / "train.jsonl"), {
+        name: write_jsonl(rows, folder / SPLIT_FILES[name]) for name, rows in tests.items()
+    }
+
+
+def pretraining_corpus_for(config: DemoConfig) -> list[dict]:
+    """The base LM's text: reviews of every domain, half of them ending with the nuisance mark."""
+    from .data.reviews import pretraining_corpus
+
+    return pretraining_corpus(config.corpus_lines, seed=config.seed, mark_rate=CORPUS_MARK_RATE)
+
+
+def _finetune_members(config: DemoConfig, out: Path, *, checkpoints: list[Path], train_file: Path, tqdm_class):
+    from .finetune import FinetuneConfig, finetune
+
+    return finetune(
         FinetuneConfig(
             bases=[str(p) for p in checkpoints] if config.baklava else [str(checkpoints[-1])],
             data=str(train_file),
-            out=str(out / "members"),
+            out=str(out),
             members=config.members,
             learning_rates=list(config.learning_rates),
             dropouts=list(config.dropouts),
@@ -285,53 +407,54 @@ def _run_demo(config: DemoConfig, *, tqdm_class) -> DemoResult:
         ),
         tqdm_class=tqdm_class,
     )
-    timings["finetune"] = time.perf_counter() - tick
-    steps = sum(m.steps or 0 for m in run.member_configs)
-    train_seconds = sum(m.train_seconds or 0.0 for m in run.member_configs)
 
-    tick = time.perf_counter()
-    merged = merge([str(p) for p in run.members], out / "warm", device="cpu", tqdm_class=tqdm_class)
-    timings["merge"] = time.perf_counter() - tick
 
-    tick = time.perf_counter()
+def _evaluate(config: DemoConfig, run, warm: Path, test_files: dict[str, Path], *, tqdm_class) -> dict:
+    """Members, shared init, ensemble and WARM on the clean test splits and on the flipped training pairs."""
+    from .evaluate import evaluate_models, load_split
+    from .finetune.config import FLIPPED_PAIRS_NAME
+
     splits = [load_split(path, name=name) for name, path in test_files.items()]
-    results = evaluate_models(
-        [*map(str, run.members), str(merged.out)],
+    flipped = run.out / FLIPPED_PAIRS_NAME
+    if flipped.is_file() and flipped.stat().st_size:
+        # Scored with the labels as trained on: accuracy here is the share of the noise a model memorized.
+        splits.append(load_split(flipped, name=FLIPPED_SPLIT))
+    return evaluate_models(
+        [*map(str, run.members), str(warm)],
         splits,
         references=[str(run.shared_init)],
         ensemble=True,
         interpolate=(0, 1) if config.members >= 2 else None,
         lambdas=config.interpolation_points,
-        dataset_name="warm-hub synthetic reviews (clean labels; restaurants in distribution, hotels shifted)",
+        dataset_name="warm-hub synthetic reviews (clean test labels; restaurants in distribution, hotels shifted"
+        " with the nuisance reversed; flipped: the training pairs whose labels were flipped, as trained on)",
         device="cpu",
         batch_size=64,
         tqdm_class=tqdm_class,
     )
-    if config.plot and _try_plot(results, merged.out / PLOT_NAME):
+
+
+def _save_evaluation(config: DemoConfig, results: dict, warm: Path) -> None:
+    from .card import write_card
+    from .eval_results import EVAL_RESULTS_NAME, save_results
+
+    if config.plot and _try_plot(results, warm / PLOT_NAME):
         results["plot"] = PLOT_NAME
-    write_card(merged.out, eval_results=save_results(results, merged.out / EVAL_RESULTS_NAME))
-    timings["evaluate"] = time.perf_counter() - tick
+    write_card(warm, eval_results=save_results(results, warm / EVAL_RESULTS_NAME))
 
-    best_of_n = None
-    if config.best_of_n:
-        from .demo_best_of_n import run_demo_best_of_n
 
-        tick = time.perf_counter()
-        best_of_n = run_demo_best_of_n(policy=checkpoints[-1], members=run.members, warm=merged.out,
-                                       n=config.best_of_n, prompts=config.best_of_n_prompts, seed=config.seed,
-                                       cache_dir=out / "best_of_n", tqdm_class=tqdm_class).to_json()
-        (out / BEST_OF_N_NAME).write_text(json.dumps(best_of_n, indent=2) + "\n", encoding="utf-8")
-        timings["best_of_n"] = time.perf_counter() - tick
-    return DemoResult(
-        out=out,
-        warm=merged.out,
-        members=list(run.members),
-        results=results,
-        seconds=time.perf_counter() - started,
-        timings=timings,
-        steps_per_second=steps / train_seconds if train_seconds else None,
-        best_of_n=best_of_n,
-    )
+def _summarize_seeds(result: DemoResult, out: Path) -> None:
+    """Mean and standard error over seeds into WARM's eval_results.json (and card); every seed in seeds.json."""
+    from .card import write_card
+    from .eval_results import EVAL_RESULTS_NAME, save_results, seeds_summary
+
+    seeds = [entry["seed"] for entry in result.per_seed]
+    result.results["seeds"] = seeds_summary([entry["results"] for entry in result.per_seed], seeds)
+    document = {"seeds": seeds, "summary": result.results["seeds"], "per_seed": result.per_seed}
+    if all(entry["best_of_n"] for entry in result.per_seed):
+        result.results["seeds"]["best_of_n"] = best_of_n_over_seeds([e["best_of_n"] for e in result.per_seed])
+    write_card(result.warm, eval_results=save_results(result.results, result.warm / EVAL_RESULTS_NAME))
+    (out / SEEDS_NAME).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
 
 
 def _try_plot(results: dict, path: Path) -> bool:

@@ -1,12 +1,12 @@
 """Pairwise accuracy of reward models: members, their prediction ensemble, WARM models and in-memory averages.
 
-`evaluate_models` scores every pair of every split once per model and builds the `eval_results.json` document
-(schema in `EVAL_RESULTS_SCHEMA`) that `warm-hub card --eval-results` and `warm_hub.plots` read.
+`evaluate_models` scores every pair of every split once per model and builds the evaluation document
+(`warm_hub.eval_results`, which also writes and reads it): every accuracy with its n and a Wilson 95% interval,
+and paired comparisons (WARM against the ensemble and against the best member) with paired-bootstrap intervals.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -17,34 +17,23 @@ from huggingface_hub.utils import logging
 
 from .benchmark_formats import BenchmarkSplit, benchmark_split, subset_records
 from .errors import InvalidOptionError
+from .eval_results import (  # noqa: F401 - the names and the load/save pair stay importable from here
+    EVAL_FORMAT,
+    EVAL_RESULTS_NAME,
+    EVAL_RESULTS_SCHEMA,
+    ROLES,
+    EvalDocument,
+    accuracy_entry,
+    format_accuracy,
+    load_results,
+    save_results,
+)
 
 logger = logging.get_logger(__name__)
 
-EVAL_RESULTS_NAME = "eval_results.json"
-EVAL_FORMAT = "warm-hub-eval"
-EVAL_VERSION = 1
 RECIPE_NAME = "warm_recipe.yaml"
-EVAL_RESULTS_SCHEMA = """\
-{
-  "format": "warm-hub-eval", "version": 1, "metric": "pairwise_accuracy",
-  "dataset": {"name": str, "type": str | null (a Hub dataset id, when every split comes from one)},
-  "splits": {split name: {model name: {"accuracy": float in [0, 1], "n": int}}},
-  "model": str (the WARM model's entry; present when exactly one merged checkpoint was evaluated),
-  "plot": str (image path relative to this file; present when drawn),
-  "models": [{"name": str, "kind": "member" | "ensemble" | "warm" | "greedy-soup" | "reference",
-              "source": str | null, "members": [str] (ensemble, in-memory averages, soups)}],
-  "data": [{"split": str, "source": str (file name or Hub id, never an absolute path), "pairs": int}],
-  "interpolation": null | {"between": [str, str], "lambdas": [float],
-                           "accuracy": {split name: [float, one per lambda]}},
-  "greedy": null | {"held_out": split name, "selected": [str]},
-  "subsets": [record per model and benchmark subset] (`warm_hub.benchmark_formats.RECORDS_SCHEMA`; [] without
-              RewardBench, RewardBench 2 or RM-Bench splits)
-}
-"dataset", "splits", "model" and "plot" are what `warm_hub.card.EvalResults` reads for the model card.
-Accuracy counts a pair when the chosen response scores strictly above the rejected one (ties are errors); a
-benchmark split's "accuracy" is its headline score (`warm_hub.benchmark_formats`), its details under "subsets".
-Interpolation point lambda is the model lambda * between[0] + (1 - lambda) * between[1]; the greedy soup's
-accuracies are in "splits" under the name "greedy soup"."""
+ENSEMBLE = "ensemble"
+Rewards = dict[str, tuple[list[float], list[float]]]
 
 
 @dataclass
@@ -141,41 +130,35 @@ def split_rewards(model, split: PairSplit, *, batch_size: int | None = None) -> 
     return chosen, rejected
 
 
-def _results(rewards: Mapping[str, tuple[list[float], list[float]]],
-             benchmarks: Mapping[str, BenchmarkSplit] | None = None) -> dict:
+def correct_pairs(chosen_rewards: Sequence[float], rejected_rewards: Sequence[float]) -> list[bool]:
+    """For each pair, whether the chosen reward is strictly above the rejected one (a tie is an error)."""
+    if len(chosen_rewards) != len(rejected_rewards):
+        raise ValueError("chosen and rejected rewards differ in length")
+    return [c > r for c, r in zip(chosen_rewards, rejected_rewards, strict=True)]
+
+
+def _results(rewards: Rewards, benchmarks: Mapping[str, BenchmarkSplit] | None = None) -> dict:
+    """Each split's entry: pairwise accuracy with n and interval, or a benchmark split's own scoring."""
     benchmarks = benchmarks or {}
-    return {s: benchmarks[s].result(c) if s in benchmarks else {"accuracy": pairwise_accuracy(c, r), "n": len(c)}
-            for s, (c, r) in rewards.items()}
+    return {
+        s: benchmarks[s].result(c) if s in benchmarks else accuracy_entry(correct_pairs(c, r))
+        for s, (c, r) in rewards.items()
+    }
 
 
-class _Document:
-    """Builds the evaluation document: model descriptors in order, accuracies under each split."""
+@dataclass
+class _Scored:
+    """What scoring the models gave: their names and roles, rewards per split, and the members' weights."""
 
-    def __init__(self, splits: Sequence[PairSplit]):
-        sources = list(dict.fromkeys(s.source for s in splits))
-        hub_ids = {s.hub_id for s in splits}
-        # model-index needs one Hub dataset id; local files still give the card its table.
-        hub_id = hub_ids.pop() if len(hub_ids) == 1 else None
-        self.data: dict[str, Any] = {
-            "format": EVAL_FORMAT,
-            "version": EVAL_VERSION,
-            "metric": "pairwise_accuracy",
-            "dataset": {"name": hub_id or ", ".join(sources), "type": hub_id},
-            "splits": {s.name: {} for s in splits},
-            "models": [],
-            "data": [{"split": s.name, "source": s.source, "pairs": len(s)} for s in splits],
-            "interpolation": None,
-            "greedy": None,
-        }
+    labels: list[str]
+    kinds: list[str]
+    rewards: dict[str, Rewards]
+    states: dict[str, dict]
+    template: Any
 
-    def add(self, name: str, kind: str, results: dict, *, source: str | None = None,
-            members: list[str] | None = None) -> None:
-        entry: dict[str, Any] = {"name": name, "kind": kind, "source": source}
-        if members is not None:
-            entry["members"] = members
-        self.data["models"].append(entry)
-        for split, result in results.items():
-            self.data["splits"][split][name] = result
+    @property
+    def members(self) -> list[str]:
+        return [label for label, kind in zip(self.labels, self.kinds, strict=True) if kind == "member"]
 
 
 def evaluate_models(
@@ -183,6 +166,7 @@ def evaluate_models(
     splits: Sequence[PairSplit],
     *,
     references: Sequence[str | os.PathLike] = (),
+    roles: Mapping[str, str] | None = None,
     ensemble: bool = True,
     weight_average: bool = False,
     interpolate: tuple[int, int] | None = None,
@@ -195,15 +179,21 @@ def evaluate_models(
     token=None,
     tqdm_class=None,
 ) -> dict:
-    """Evaluate reward models on preference splits; return the `eval_results.json` document.
+    """Evaluate reward models on preference splits; return the evaluation document.
 
-    Folders holding `warm_recipe.yaml` are WARM models; the others are members. The prediction ensemble is the
-    mean of the members' rewards.
+    Each model has a role: `member` (ensembled, averaged), `warm` (a merge, compared with the members) or
+    `reference` (reported only). Folders holding `warm_recipe.yaml` are WARM models and the others members,
+    unless `roles` says otherwise. The prediction ensemble is the mean of the members' rewards.
+
+    Every WARM model (and the in-memory average) is compared with the ensemble and with the best member, on the
+    same pairs (paired bootstrap). The best member is the one most accurate on the first split, then reported
+    on every split: choosing it on each split itself would flatter it with the noise of that split.
 
     Args:
         models: local folders or Hub ids of reward checkpoints.
-        splits: evaluation splits (see `load_split`).
+        splits: evaluation splits (see `load_split`); the first selects the best member.
         references: models reported for comparison only (a base, the shared init), never averaged or ensembled.
+        roles: model (as given, or its label in the table) -> "member" | "warm" | "reference".
         ensemble: also evaluate the prediction ensemble of the members (needs two or more).
         weight_average: also evaluate the uniform weight average of the members, built in memory.
         interpolate: indices (into the members) of two members whose linear path to evaluate.
@@ -217,17 +207,67 @@ def evaluate_models(
         tqdm_class: progress bar class (huggingface_hub's `tqdm` by default).
 
     Returns:
-        A dict following `EVAL_RESULTS_SCHEMA`.
+        A dict following `warm_hub.eval_results.EVAL_RESULTS_SCHEMA`.
 
     Raises:
-        InvalidOptionError: no models or splits, or an option that needs more members than given.
+        InvalidOptionError: no models or splits, an unknown role, or an option that needs more members.
     """
-    from .reward_model import RewardModel
-
     if tqdm_class is None:
         from huggingface_hub.utils import tqdm as tqdm_class
+    _check_splits(splits, greedy_on=greedy_on)
     if not models:
         raise InvalidOptionError("no models to evaluate")
+    kinds = ["reference"] * len(references) + _roles(models, roles or {}, token=token)
+    sources = [*references, *models]
+    labels = _unique_labels([source_label(m) for m in sources])
+    member_count = kinds.count("member")
+    needs_weights = weight_average or interpolate is not None or greedy_on is not None
+    if needs_weights and member_count < 2:
+        raise InvalidOptionError("weight averages, interpolation and greedy selection need two or more members")
+    if interpolate is not None and not all(0 <= i < member_count for i in interpolate):
+        raise InvalidOptionError(f"--interpolate indices {interpolate} must lie in 0..{member_count - 1}")
+
+    document = EvalDocument([(s.name, s.source, len(s), s.hub_id) for s in splits], dataset_name=dataset_name)
+    benchmarks = {s.name: s for s in splits if isinstance(s, BenchmarkSplit)}
+
+    def results(rewards: Rewards) -> dict:
+        return _results(rewards, benchmarks)
+
+    scored = _score_models(sources, kinds, labels, splits, document, keep_weights=needs_weights, device=device,
+                           dtype=dtype, token=token, batch_size=batch_size, tqdm_class=tqdm_class, score=results)
+    members = scored.members
+    if ensemble and len(members) >= 2:
+        scored.rewards[ENSEMBLE] = {
+            s.name: _mean_rewards([scored.rewards[m][s.name] for m in members]) for s in splits
+        }
+        document.add(ENSEMBLE, "ensemble", results(scored.rewards[ENSEMBLE]), members=members)
+
+    def averaged(names: list[str], weights: list[float]) -> Rewards:
+        load_average(scored.template.model, [scored.states[n] for n in names], weights, labels=list(names))
+        return {s.name: split_rewards(scored.template, s) for s in splits}
+
+    warm = [label for label, kind in zip(labels, kinds, strict=True) if kind == "warm"]
+    if weight_average:
+        name = "warm (in memory)"
+        scored.rewards[name] = averaged(members, [1 / len(members)] * len(members))
+        document.add(name, "warm", results(scored.rewards[name]), members=members)
+        warm.append(name)
+    if interpolate is not None:
+        document.data["interpolation"] = _interpolation(
+            [members[i] for i in interpolate], _lambdas(lambdas), splits, averaged, tqdm_class, results
+        )
+    if greedy_on is not None:
+        selected, soup = _greedy_soup(members, scored.rewards, greedy_on, averaged, results)
+        document.data["greedy"] = {"held_out": greedy_on, "selected": selected}
+        document.add("greedy soup", "greedy-soup", soup, members=selected)
+    # Paired comparisons are of pairwise accuracy; benchmark splits report their own scores per subset.
+    pair_splits = [s.name for s in splits if s.name not in benchmarks]
+    _compare(document, scored.rewards, warm=warm, members=members, splits=pair_splits)
+    document.data["subsets"] = subset_records(document.data)
+    return document.finish()
+
+
+def _check_splits(splits: Sequence[PairSplit], *, greedy_on: str | None) -> None:
     if not splits:
         raise InvalidOptionError("no evaluation data")
     names = [s.name for s in splits]
@@ -235,72 +275,71 @@ def evaluate_models(
         raise InvalidOptionError(f"split names must differ, got {names}")
     if greedy_on is not None and greedy_on not in names:
         raise InvalidOptionError(f"--greedy-on {greedy_on!r} is not one of the splits {names}")
-    kinds = ["reference"] * len(references) + ["warm" if is_warm_model(m, token=token) else "member" for m in models]
-    models = [*references, *models]
-    member_ids = [i for i, k in enumerate(kinds) if k == "member"]
-    labels = _unique_labels([source_label(m) for m in models])
-    needs_weights = weight_average or interpolate is not None or greedy_on is not None
-    if needs_weights and len(member_ids) < 2:
-        raise InvalidOptionError("weight averages, interpolation and greedy selection need two or more members")
-    if interpolate is not None and not all(0 <= i < len(member_ids) for i in interpolate):
-        raise InvalidOptionError(f"--interpolate indices {interpolate} must lie in 0..{len(member_ids) - 1}")
 
-    document = _Document(splits)
-    benchmarks = {s.name: s for s in splits if isinstance(s, BenchmarkSplit)}
 
-    def results(split_rewards: Mapping[str, tuple[list[float], list[float]]]) -> dict:
-        return _results(split_rewards, benchmarks)
+def _roles(models: Sequence[str | os.PathLike], roles: Mapping[str, str], *, token) -> list[str]:
+    """Each model's role: as `roles` says (keyed by the model as given or by its label), else detected."""
+    known = {str(m) for m in models} | {source_label(m) for m in models}
+    unknown = sorted(set(roles) - known)
+    if unknown:
+        raise InvalidOptionError(f"--role names {unknown} that are not among the models evaluated")
+    bad = sorted({r for r in roles.values() if r not in ROLES})
+    if bad:
+        raise InvalidOptionError(f"unknown role(s) {bad}; choose from {', '.join(ROLES)}")
+    out = []
+    for model in models:
+        role = roles.get(str(model), roles.get(source_label(model)))
+        out.append(role or ("warm" if is_warm_model(model, token=token) else "member"))
+    return out
 
-    if dataset_name:
-        document.data["dataset"]["name"] = dataset_name
-    rewards: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
-    states: dict[str, dict] = {}
-    template = None
-    with tqdm_class(total=len(models) * len(splits), desc="Scoring", unit="split") as bar:
-        for model_path, kind, label in zip(models, kinds, labels, strict=True):
-            rm = RewardModel.from_pretrained(
-                model_path, device=device, dtype=dtype, token=token, batch_size=batch_size
-            )
-            rewards[label] = {}
+
+def _score_models(sources, kinds, labels, splits, document: EvalDocument, *, keep_weights: bool, device, dtype,
+                  token, batch_size: int, tqdm_class, score=_results) -> _Scored:
+    """Score every split with every model once; keep the members' weights when averages are asked for."""
+    from .reward_model import RewardModel
+
+    scored = _Scored(labels=labels, kinds=kinds, rewards={}, states={}, template=None)
+    with tqdm_class(total=len(sources) * len(splits), desc="Scoring", unit="split") as bar:
+        for source, kind, label in zip(sources, kinds, labels, strict=True):
+            rm = RewardModel.from_pretrained(source, device=device, dtype=dtype, token=token, batch_size=batch_size)
+            scored.rewards[label] = {}
             for split in splits:
-                rewards[label][split.name] = split_rewards(rm, split)
+                scored.rewards[label][split.name] = split_rewards(rm, split)
                 bar.update(1)
-            document.add(label, kind, results(rewards[label]), source=label)
-            if kind == "member" and needs_weights:
-                states[label] = {k: v.detach().clone() for k, v in rm.model.state_dict().items()}
-                template = rm
-    members = [labels[i] for i in member_ids]
-    if ensemble and len(members) >= 2:
-        mean = {
-            s.name: _mean_rewards([rewards[m][s.name] for m in members])
-            for s in splits
-        }
-        document.add("ensemble", "ensemble", results(mean), members=members)
+            document.add(label, kind, score(scored.rewards[label]), source=label)
+            if kind == "member" and keep_weights:
+                scored.states[label] = {k: v.detach().clone() for k, v in rm.model.state_dict().items()}
+                scored.template = rm
+    return scored
 
-    def averaged(names: list[str], weights: list[float]) -> dict[str, tuple[list[float], list[float]]]:
-        load_average(template.model, [states[n] for n in names], weights, labels=list(names))
-        return {s.name: split_rewards(template, s) for s in splits}
 
-    if weight_average:
-        uniform = [1 / len(members)] * len(members)
-        document.add("warm (in memory)", "warm", results(averaged(members, uniform)), members=members)
-    if interpolate is not None:
-        first, second = (members[i] for i in interpolate)
-        points = _lambdas(lambdas)
-        curve: dict[str, list[float]] = {s.name: [] for s in splits}
-        for lam in tqdm_class(points, desc="Interpolating", unit="λ"):
-            for split_name, value in results(averaged([first, second], [lam, 1 - lam])).items():
-                curve[split_name].append(value["accuracy"])
-        document.data["interpolation"] = {"between": [first, second], "lambdas": points, "accuracy": curve}
-    if greedy_on is not None:
-        selected, soup = _greedy_soup(members, rewards, greedy_on, averaged, results)
-        document.data["greedy"] = {"held_out": greedy_on, "selected": selected}
-        document.add("greedy soup", "greedy-soup", soup, members=selected)
-    merged = [labels[i] for i, kind in enumerate(kinds) if kind == "warm"]
-    if len(merged) == 1:
-        document.data["model"] = merged[0]
-    document.data["subsets"] = subset_records(document.data)
-    return document.data
+def _interpolation(between: list[str], points: list[float], splits, averaged, tqdm_class, score=_results) -> dict:
+    first, second = between
+    curve: dict[str, list[float]] = {s.name: [] for s in splits}
+    for lam in tqdm_class(points, desc="Interpolating", unit="λ"):
+        for split_name, value in score(averaged([first, second], [lam, 1 - lam])).items():
+            curve[split_name].append(value["accuracy"])
+    return {"between": [first, second], "lambdas": points, "accuracy": curve}
+
+
+def _compare(document: EvalDocument, rewards: dict[str, Rewards], *, warm: list[str], members: list[str],
+             splits: list[str]) -> None:
+    """Paired comparisons of each WARM model with the ensemble and with the best member (picked on splits[0])."""
+    from .stats import paired_bootstrap
+
+    if not members or not splits:
+        return
+    outcomes = {name: {s: correct_pairs(*rewards[name][s]) for s in splits} for name in rewards}
+    selection = splits[0]
+    best = max(members, key=lambda m: sum(outcomes[m][selection]))
+    for a in warm:
+        for b, selected_on in ((ENSEMBLE, None), (best, selection)):
+            if b not in outcomes:
+                continue
+            for split in splits:
+                difference, ci = paired_bootstrap(outcomes[a][split], outcomes[b][split])
+                document.compare(a, b, split, difference=difference, ci=ci, n=len(outcomes[a][split]),
+                                 selected_on=selected_on)
 
 
 def is_warm_model(source: str | os.PathLike, *, token=None) -> bool:
@@ -377,41 +416,23 @@ def _unique_labels(labels: list[str]) -> list[str]:
 
 
 def results_table(document: dict) -> list[list[str]]:
-    """Rows for printing: a header (model, kind, one column per split) then one row per model."""
+    """Rows for printing: a header (model, role, one column per split with its n) then one row per model.
+
+    Each cell is the pairwise accuracy with its Wilson 95% interval.
+    """
     splits = list(document["splits"])
-    rows = [["model", "kind", *splits]]
+    pairs = {d["split"]: d["pairs"] for d in document["data"]}
+    rows = [["model", "role", *(f"{s}: pairwise accuracy [95% CI] (n={pairs.get(s, '?')})" for s in splits)]]
     for model in document["models"]:
-        cells = []
-        for split in splits:
-            result = document["splits"][split].get(model["name"])
-            cells.append("-" if result is None else f"{result['accuracy']:.3f}")
+        cells = [format_accuracy(document["splits"][s].get(model["name"])).split(" (n=")[0] for s in splits]
         rows.append([model["name"], model["kind"], *cells])
     return rows
 
 
-def accuracy(document: dict, model: str, split: str) -> float | None:
-    """The accuracy of `model` on `split` in an evaluation document (None when not evaluated)."""
-    result = document["splits"].get(split, {}).get(model)
-    return None if result is None else result["accuracy"]
-
-
-def save_results(document: dict, path: str | os.PathLike) -> Path:
-    """Write the evaluation document as JSON (stable key order, two-space indent)."""
-    path = Path(path)
-    path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
-    return path
-
-
-def load_results(path: str | os.PathLike) -> dict:
-    """Read an `eval_results.json` and check its format marker.
-
-    Raises:
-        InvalidOptionError: the file is not a warm-hub evaluation document.
-    """
-    try:
-        document = json.loads(Path(path).read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise InvalidOptionError(f"{Path(path).name} is not valid JSON: {exc}") from None
-    if not isinstance(document, dict) or document.get("format") != EVAL_FORMAT:
-        raise InvalidOptionError(f"{Path(path).name} is not a warm-hub evaluation file (format {EVAL_FORMAT!r})")
-    return document
+def comparisons_table(document: dict) -> list[list[str]]:
+    """Rows for printing the paired comparisons: a, b, split, difference and its paired-bootstrap 95% interval."""
+    rows = [["a", "b", "split", "a - b [95% CI]"]]
+    for c in document.get("comparisons") or []:
+        b = f"{c['b']} (best on {c['selected_on']})" if c.get("selected_on") else c["b"]
+        rows.append([c["a"], b, c["split"], f"{c['difference']:+.3f} [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]"])
+    return rows

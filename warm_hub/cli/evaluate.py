@@ -30,6 +30,17 @@ def parse_pair(value: str | None) -> tuple[int, int] | None:
     return first, second
 
 
+def parse_roles(values: tuple[str, ...]) -> dict[str, str]:
+    """`NAME=ROLE` options -> {NAME: ROLE} (NAME as given on the command line, or its folder name)."""
+    roles = {}
+    for value in values:
+        name, sep, role = value.rpartition("=")
+        if not sep or not name:
+            raise click.BadParameter(f"expected NAME=member|warm|reference, got {value!r}", param_hint="--role")
+        roles[name] = role
+    return roles
+
+
 def format_table(rows: list[list[str]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = []
@@ -57,6 +68,9 @@ def format_table(rows: list[list[str]]) -> str:
 @click.option("--lambdas", type=click.IntRange(min=2), default=11, help="number of λ values in [0, 1]")
 @click.option("--greedy-on", metavar="SPLIT", default=None,
               help="select members greedily on this split (model soups) and report the soup on every split")
+@click.option("--role", "roles", multiple=True, metavar="NAME=ROLE",
+              help="set a model's role: member (ensembled and averaged), warm (compared with the members) or"
+                   " reference (reported only); by default folders with a warm_recipe.yaml are warm, others members")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available)")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default=None,
               help="dtype to score in (default: float32 on CPU, the checkpoint's on GPU)")
@@ -65,12 +79,14 @@ def format_table(rows: list[list[str]]) -> str:
               help="write the results (eval_results.json schema) to this file")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="draw accuracies and the interpolation curve into this PNG (needs matplotlib)")
-def evaluate_command(models, data, split, limit, ensemble, weight_average, interpolate, lambdas, greedy_on, device,
-                     dtype, batch_size, json_path, plot_path) -> None:
+def evaluate_command(models, data, split, limit, ensemble, weight_average, interpolate, lambdas, greedy_on, roles,
+                     device, dtype, batch_size, json_path, plot_path) -> None:
     """Pairwise accuracy (chosen scored above rejected) of reward models on preference data.
 
     MODEL is a local folder or Hub id of a reward checkpoint; folders with a warm_recipe.yaml count as WARM
-    models, the others as members.
+    models, the others as members (see --role). Each accuracy comes with its Wilson 95% interval; each WARM
+    model is compared, pair by pair, with the ensemble and with the best member (the most accurate on the first
+    --data split), with a paired-bootstrap 95% interval of the difference.
 
     \b
     Example:
@@ -79,7 +95,7 @@ def evaluate_command(models, data, split, limit, ensemble, weight_average, inter
     """
     from ..benchmark_formats import subset_tables
     from ..errors import InvalidOptionError
-    from ..evaluate import evaluate_models, load_split, results_table, save_results
+    from ..evaluate import comparisons_table, evaluate_models, load_split, results_table, save_results
 
     splits = []
     for value in data:
@@ -98,6 +114,7 @@ def evaluate_command(models, data, split, limit, ensemble, weight_average, inter
         interpolate=parse_pair(interpolate),
         lambdas=lambdas,
         greedy_on=greedy_on,
+        roles=parse_roles(roles),
         device=device,
         dtype=dtype,
         batch_size=batch_size,
@@ -106,6 +123,9 @@ def evaluate_command(models, data, split, limit, ensemble, weight_average, inter
     for split_name, rows in subset_tables(document).items():
         click.echo(f"\n{split_name} by subset:")
         click.echo(format_table(rows))
+    if document["comparisons"]:
+        click.echo("\npaired comparisons (same pairs; difference of pairwise accuracy, paired bootstrap):")
+        click.echo(format_table(comparisons_table(document)))
     curve = document["interpolation"]
     if curve:
         first, second = curve["between"]

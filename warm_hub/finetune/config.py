@@ -16,6 +16,9 @@ from ..errors import InvalidOptionError
 MEMBER_CONFIG_NAME = "warm_member.yaml"
 RUN_CONFIG_NAME = "warm_finetune.yaml"
 SHARED_INIT_DIR = "shared-init"
+# With --corrupt-labels: the training pairs as trained on, flipped ones (labels swapped) and the others apart.
+FLIPPED_PAIRS_NAME = "flipped.jsonl"
+CLEAN_PAIRS_NAME = "clean.jsonl"
 
 
 @dataclass
@@ -54,7 +57,11 @@ class FinetuneConfig:
     probe_max_steps: int = field(default=-1, metadata={"help": "steps of the linear probe; overrides probe_epochs"})
     probe_learning_rate: float = field(default=1e-3, metadata={"help": "learning rate of the linear probe"})
     corrupt_labels: float = field(
-        default=0.0, metadata={"help": "fraction of training pairs whose chosen/rejected are swapped (label noise)"}
+        default=0.0,
+        metadata={
+            "help": "fraction of training pairs whose chosen/rejected are swapped (label noise); the swapped pairs,"
+            " as trained on, go to OUT/flipped.jsonl and the others to OUT/clean.jsonl"
+        },
     )
     corrupt_seed: int | None = field(default=None, metadata={"help": "seed picking the flipped pairs (default: seed)"})
     bf16: bool = field(default=False, metadata={"help": "bfloat16 mixed precision (GPUs)"})
@@ -127,11 +134,16 @@ class FinetuneConfig:
                     data=self.data,
                     split=self.split,
                     corrupt_labels=self.corrupt_labels,
+                    corrupt_seed=self.label_noise_seed() if self.corrupt_labels > 0 else None,
                     shared_head="linear-probe" if self.linear_probe else "seeded-init",
                     lora_r=self.lora_r or None,
                 )
             )
         return configs
+
+    def label_noise_seed(self) -> int:
+        """The seed that picks the flipped pairs: `corrupt_seed`, else `seed`."""
+        return self.seed if self.corrupt_seed is None else self.corrupt_seed
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -162,6 +174,9 @@ class MemberConfig:
     split: str = field(metadata={"help": "training split"})
     corrupt_labels: float = field(metadata={"help": "fraction of flipped training pairs"})
     shared_head: str = field(metadata={"help": "how the shared head in OUT/shared-init was made"})
+    corrupt_seed: int | None = field(
+        default=None, metadata={"help": "seed that picked the flipped pairs (None: no label noise)"}
+    )
     train_pairs: int | None = field(default=None, metadata={"help": "pairs trained on (after length filtering)"})
     steps: int | None = field(default=None, metadata={"help": "optimizer steps taken"})
     train_loss: float | None = field(default=None, metadata={"help": "mean Bradley-Terry loss over training"})

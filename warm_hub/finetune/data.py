@@ -191,7 +191,8 @@ def check_preference_values(columns: dict[str, Sequence[Any]], *, label: str) ->
 def corrupt_labels(dataset, fraction: float, *, seed: int):
     """Swap `chosen` and `rejected` in exactly `round(fraction * n)` pairs, picked with `seed`.
 
-    The paper's label-noise experiment. A `label_flipped` column records which pairs were swapped.
+    The paper's label-noise experiment. A `label_flipped` column records which pairs were swapped; columns
+    named `chosen_X` with a `rejected_X` beside them are swapped along.
 
     Args:
         dataset: a `datasets.Dataset` with `chosen` and `rejected`.
@@ -204,14 +205,39 @@ def corrupt_labels(dataset, fraction: float, *, seed: int):
     n = len(dataset)
     flipped = set(random.Random(seed).sample(range(n), round(fraction * n)))
 
+    # Columns that describe one response (`chosen_reward`/`rejected_reward`) travel with it.
+    paired = [(c, "rejected" + c[len("chosen"):]) for c in dataset.column_names
+              if c.startswith("chosen") and "rejected" + c[len("chosen"):] in dataset.column_names]
+
     def swap(example: dict, index: int) -> dict:
         if index in flipped:
-            example["chosen"], example["rejected"] = example["rejected"], example["chosen"]
+            for chosen, rejected in paired:
+                example[chosen], example[rejected] = example[rejected], example[chosen]
         example[FLIPPED_COLUMN] = index in flipped
         return example
 
     with quiet_datasets():
         return dataset.map(swap, with_indices=True, load_from_cache_file=False)
+
+
+def write_label_noise_files(dataset, *, flipped_path: Path, clean_path: Path) -> tuple[int, int]:
+    """Write the pairs of a `corrupt_labels` output as trained on: flipped ones (labels swapped) and the others.
+
+    Scoring a model on `flipped_path` with its labels as written gives the share of the flipped pairs it
+    memorized. The `label_flipped` column is left out, so both files are plain preference files.
+
+    Returns:
+        The number of flipped and of clean pairs.
+    """
+    import json
+
+    counts = {True: 0, False: 0}
+    with open(flipped_path, "w", encoding="utf-8") as flipped, open(clean_path, "w", encoding="utf-8") as clean:
+        for row in dataset:
+            was_flipped = bool(row.pop(FLIPPED_COLUMN))
+            counts[was_flipped] += 1
+            (flipped if was_flipped else clean).write(json.dumps(row, ensure_ascii=False) + "\n")
+    return counts[True], counts[False]
 
 
 def is_conversational(value: Any) -> bool:

@@ -16,13 +16,21 @@ from pathlib import Path
 from huggingface_hub.utils import logging
 
 from ..errors import InvalidOptionError, OutputExistsError
-from .config import RUN_CONFIG_NAME, SHARED_INIT_DIR, FinetuneConfig, MemberConfig
+from .config import (
+    CLEAN_PAIRS_NAME,
+    FLIPPED_PAIRS_NAME,
+    RUN_CONFIG_NAME,
+    SHARED_INIT_DIR,
+    FinetuneConfig,
+    MemberConfig,
+)
 from .data import (
     PreferenceCollator,
     corrupt_labels,
     ensure_pad_token,
     load_preference_data,
     tokenize_preferences,
+    write_label_noise_files,
 )
 from .progress import progress_callback, quiet_transformers
 from .publish import push_members, write_member_card
@@ -234,8 +242,10 @@ def _finetune(config: FinetuneConfig, *, token=None, tqdm_class=None) -> Finetun
     with state.main_process_first():
         dataset = load_preference_data(config.data, split=config.split, token=token)
         if config.corrupt_labels > 0:
-            seed = config.seed if config.corrupt_seed is None else config.corrupt_seed
-            dataset = corrupt_labels(dataset, config.corrupt_labels, seed=seed)
+            dataset = corrupt_labels(dataset, config.corrupt_labels, seed=config.label_noise_seed())
+            if state.is_main_process:
+                write_label_noise_files(dataset, flipped_path=out / FLIPPED_PAIRS_NAME,
+                                        clean_path=out / CLEAN_PAIRS_NAME)
         train = tokenize_preferences(dataset, tokenizer, max_length=config.max_length)
     collator = PreferenceCollator(pad_token_id=tokenizer.pad_token_id)
     if state.is_main_process:
@@ -317,7 +327,8 @@ def _prepare_output(out: Path, *, overwrite: bool) -> None:
         for entry in out.iterdir():
             if entry.name.startswith("member-") or entry.name in (SHARED_INIT_DIR, TRAINER_DIR):
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-        (out / RUN_CONFIG_NAME).unlink(missing_ok=True)
+        for name in (RUN_CONFIG_NAME, FLIPPED_PAIRS_NAME, CLEAN_PAIRS_NAME):
+            (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
 
 
