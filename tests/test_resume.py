@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import warm_hub
+from warm_hub.constants import JOURNAL_NAME
 from warm_hub.errors import ResumeMismatchError
-from warm_hub.journal import JOURNAL_NAME, ResumeJournal
+from warm_hub.journal import ResumeJournal
 from warm_hub.testing.checkpoints import make_members
 
 # Runs a merge whose progress callback sleeps, so the test can kill it part-way through.

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .constants import CPU_KERNEL_ENV
 from .errors import NonFiniteWeightsError
 
 # 256K fp32 elements = 1 MiB: the accumulator and the slices being read stay in a core's L2 cache.
@@ -181,7 +182,7 @@ def _host_average(out: torch.Tensor, inputs: Sequence[torch.Tensor], weights: Se
 
 def cpu_kernel(out: torch.Tensor, inputs: Sequence[torch.Tensor]):
     """The compiled CPU kernel module when it serves these tensors, else None (the torch loop does)."""
-    if out.device.type != "cpu" or os.environ.get("WARM_HUB_CPU_KERNEL", "auto") == "torch":
+    if out.device.type != "cpu" or os.environ.get(CPU_KERNEL_ENV, "auto") == "torch":
         return None
     try:
         from warm_hub import _cpu_average

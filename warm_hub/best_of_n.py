@@ -18,11 +18,11 @@ from typing import Any
 import numpy as np
 from huggingface_hub.utils import logging
 
+from .constants import BON_CACHE_ENV
 from .errors import InvalidOptionError, WarmHubError
 
 logger = logging.get_logger(__name__)
 
-CACHE_ENV = "WARM_HUB_BON_CACHE"
 CACHE_FORMAT = "warm-hub-best-of-n-samples"
 CACHE_VERSION = 1
 BEST_OF_N_FORMAT = "warm-hub-best-of-n"
@@ -233,8 +233,8 @@ def load_prompts(source: str | os.PathLike | Sequence[Any] | Any, *, split: str 
 
 def default_cache_dir() -> Path:
     """`$WARM_HUB_BON_CACHE`, else `$HF_HOME/warm-hub/best-of-n` (read at call time, not at import)."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
+    if os.environ.get(BON_CACHE_ENV):
+        return Path(os.environ[BON_CACHE_ENV]).expanduser()
     home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
     return Path(home).expanduser() / "warm-hub" / "best-of-n"
 

@@ -19,13 +19,13 @@ from pathlib import Path
 import yaml
 from huggingface_hub.utils import logging
 
-from .eval_results import EVAL_RESULTS_NAME, EvalResults
+from .constants import CARD_NAME, EVAL_RESULTS_NAME
+from .eval_results import EvalResults
 from .recipe import Ingredient, WarmRecipe
 
 logger = logging.get_logger(__name__)
 
 TEMPLATE = "warm_model_card.md.jinja"
-CARD_NAME = "README.md"
 TAGS = ["warm", "reward-model", "merge", "warm-hub"]
 MAX_CARD_BYTES = 1 << 20
 PLOT_SUFFIXES = (".png", ".jpg", ".jpeg", ".svg", ".webp", ".gif")

@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 
 from huggingface_hub.utils import logging
 
-from .configs import CONFIG_NAME, load_config
+from .configs import load_config
+from .constants import CONFIG_NAME, SAFE_INDEX, SAFE_SINGLE
 from .errors import AdapterNotSupportedError, CheckpointFormatError, PickleCheckpointError
 from .safetensors_io import MAX_HEADER_BYTES, ShardHeader, TensorInfo, parse_header, parse_header_length
-from .sources import PICKLE_SUFFIXES, SAFE_INDEX, SAFE_SINGLE, IngredientSource, pickle_message
+from .sources import PICKLE_SUFFIXES, IngredientSource, pickle_message
 
 logger = logging.get_logger(__name__)
 

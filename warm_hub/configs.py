@@ -12,10 +12,10 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+from .constants import CONFIG_NAME
 from .errors import CheckpointFormatError
 from .sources import IngredientSource
 
-CONFIG_NAME = "config.json"
 MAX_CONFIG_BYTES = 16 * 1024 * 1024
 # Keys that may differ between ingredients: bookkeeping written by the saving library, runtime switches, and
 # what only shapes training (init range, the loss's task). Everything else is taken to define the model: a new

@@ -411,8 +411,8 @@ def _finetune_members(config: DemoConfig, out: Path, *, checkpoints: list[Path],
 
 def _evaluate(config: DemoConfig, run, warm: Path, test_files: dict[str, Path], *, tqdm_class) -> dict:
     """Members, shared init, ensemble and WARM on the clean test splits and on the flipped training pairs."""
+    from .constants import FLIPPED_PAIRS_NAME
     from .evaluate import evaluate_models, load_split
-    from .finetune.config import FLIPPED_PAIRS_NAME
 
     splits = [load_split(path, name=name) for name, path in test_files.items()]
     flipped = run.out / FLIPPED_PAIRS_NAME
@@ -436,7 +436,8 @@ def _evaluate(config: DemoConfig, run, warm: Path, test_files: dict[str, Path], 
 
 def _save_evaluation(config: DemoConfig, results: dict, warm: Path) -> None:
     from .card import write_card
-    from .eval_results import EVAL_RESULTS_NAME, save_results
+    from .constants import EVAL_RESULTS_NAME
+    from .eval_results import save_results
 
     if config.plot and _try_plot(results, warm / PLOT_NAME):
         results["plot"] = PLOT_NAME
@@ -446,7 +447,8 @@ def _save_evaluation(config: DemoConfig, results: dict, warm: Path) -> None:
 def _summarize_seeds(result: DemoResult, out: Path) -> None:
     """Mean and standard error over seeds into WARM's eval_results.json (and card); every seed in seeds.json."""
     from .card import write_card
-    from .eval_results import EVAL_RESULTS_NAME, save_results, seeds_summary
+    from .constants import EVAL_RESULTS_NAME
+    from .eval_results import save_results, seeds_summary
 
     seeds = [entry["seed"] for entry in result.per_seed]
     result.results["seeds"] = seeds_summary([entry["results"] for entry in result.per_seed], seeds)

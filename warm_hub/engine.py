@@ -21,6 +21,7 @@ import torch
 from huggingface_hub.utils import logging
 
 from .averaging import accumulator_dtype, non_finite_error, weighted_average_into
+from .constants import CPU_THREADS_ENV
 from .errors import (
     DiskFullError,
     IncompatibleCheckpointsError,
@@ -142,11 +143,11 @@ class _Slot:
 
 def averaging_threads() -> int:
     """How many threads average on the CPU: one per core this process may use, keeping one for the writer."""
-    override = os.environ.get("WARM_HUB_CPU_THREADS", "").strip()
+    override = os.environ.get(CPU_THREADS_ENV, "").strip()
     if override:
         if not override.isascii() or not override.isdigit() or int(override) < 1:
             raise InvalidOptionError(
-                f"WARM_HUB_CPU_THREADS={override[:20]!r}: expected a whole number of threads, at least 1"
+                f"{CPU_THREADS_ENV}={override[:20]!r}: expected a whole number of threads, at least 1"
             )
         return int(override)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -16,7 +16,6 @@ from typing import Any
 
 from .errors import InvalidOptionError
 
-EVAL_RESULTS_NAME = "eval_results.json"
 EVAL_FORMAT = "warm-hub-eval"
 EVAL_VERSION = 2
 METRIC = "pairwise_accuracy"

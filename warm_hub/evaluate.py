@@ -16,10 +16,10 @@ from typing import Any
 from huggingface_hub.utils import logging
 
 from .benchmark_formats import BenchmarkSplit, benchmark_split, subset_records
+from .constants import RECIPE_NAME
 from .errors import InvalidOptionError
 from .eval_results import (  # noqa: F401 - the names and the load/save pair stay importable from here
     EVAL_FORMAT,
-    EVAL_RESULTS_NAME,
     EVAL_RESULTS_SCHEMA,
     ROLES,
     EvalDocument,
@@ -31,7 +31,6 @@ from .eval_results import (  # noqa: F401 - the names and the load/save pair sta
 
 logger = logging.get_logger(__name__)
 
-RECIPE_NAME = "warm_recipe.yaml"
 ENSEMBLE = "ensemble"
 Rewards = dict[str, tuple[list[float], list[float]]]
 

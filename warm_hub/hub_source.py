@@ -18,6 +18,7 @@ from pathlib import Path
 from huggingface_hub.utils import logging
 
 from . import __version__
+from .constants import PULL_ENV
 from .errors import CheckpointFormatError, InvalidOptionError
 from .hub_errors import HubOfflineError, HubTransferError, hub_errors
 from .range_reader import RangeReader
@@ -26,7 +27,7 @@ from .sources import IngredientSource
 logger = logging.get_logger(__name__)
 
 # Module settings rather than arguments: sources are built from what a user typed. Tests lower them.
-PULL_VARIABLE = "WARM_HUB_PULL"  # "stream" (HTTP Range, the default) or "download" (one shard at a time)
+PULL_VARIABLE = PULL_ENV  # "stream" (HTTP Range, the default) or "download" (one shard at a time)
 READ_AHEAD = 1024 * 1024  # small reads (headers, tiny tensors) fetch this much at once and serve the rest from it
 DOWNLOAD_PART = 8 * 1024 * 1024  # strategy "download": part size of the shard download
 DOWNLOAD_PARTS = 4  # strategy "download": parts fetched at once (the transfer buffer is this many parts)

@@ -10,9 +10,8 @@ import json
 import os
 from pathlib import Path
 
+from .constants import JOURNAL_NAME
 from .errors import ResumeMismatchError
-
-JOURNAL_NAME = ".warm-hub-journal"
 
 
 class ResumeJournal:

@@ -22,7 +22,8 @@ from huggingface_hub.utils import logging
 from . import __version__
 from .checkpoint import EXPLICIT_WEIGHTS_KEY, read_checkpoint
 from .compatibility import Compatibility, check_compatibility, parse_allowed_mismatches, refusal_message
-from .configs import CONFIG_NAME, load_config
+from .configs import load_config
+from .constants import CONFIG_NAME, JOURNAL_NAME, PARTIAL_SUFFIX, SAFE_INDEX
 from .engine import DISK_FULL_ERRNOS, MergeEngine, ShardWriter, check_open_files, chunk_elements, disk_full
 from .errors import (
     CheckpointFormatError,
@@ -34,19 +35,18 @@ from .errors import (
     OutputOverlapsInputError,
     WarmHubError,
 )
-from .journal import JOURNAL_NAME, ResumeJournal
+from .journal import ResumeJournal
 from .output_lock import output_lock
 from .plan import DEFAULT_SHARD_SIZE, MergePlan, plan_merge
 from .recipe import AdapterBase, Ingredient, WarmRecipe
 from .side_files import SideFilePlan, plan_side_files
 from .sizes import parse_size
 from .source_factory import open_sources
-from .sources import SAFE_INDEX, TOKENIZER_FILES, IngredientSource, LocalSource
+from .sources import TOKENIZER_FILES, IngredientSource, LocalSource
 
 logger = logging.get_logger(__name__)
 
 DEFAULT_MAX_MEMORY = 512 * 10**6
-PARTIAL_SUFFIX = ".warm-hub-partial"
 # Errors about the inputs or options met while writing: a rerun cannot continue them, so their partial output is
 # removed. A refused --resume (ResumeMismatchError) is raised before the partial folder is touched, and keeps it.
 _FINAL_ERRORS = (

@@ -16,9 +16,8 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+from .constants import LOCK_SUFFIX
 from .errors import OutputInUseError
-
-LOCK_SUFFIX = ".warm-hub-lock"
 
 
 def lock_path(out: Path) -> Path:

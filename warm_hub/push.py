@@ -13,15 +13,13 @@ from pathlib import Path
 from huggingface_hub.utils import logging
 
 from . import __version__
+from .constants import JOURNAL_NAME, PARTIAL_SUFFIX, RECIPE_NAME, SAFE_INDEX
 from .errors import IncompleteOutputError
 from .hub_errors import LOGIN_HINT, HubAccessError, has_token, hub_errors
-from .journal import JOURNAL_NAME
-from .recipe import RECIPE_NAME, WarmRecipe, hash_file
-from .sources import SAFE_INDEX
+from .recipe import WarmRecipe, hash_file
 
 logger = logging.get_logger(__name__)
 
-PARTIAL_SUFFIX = ".warm-hub-partial"  # same as merge.PARTIAL_SUFFIX; not imported to keep torch out of `push`
 
 
 def check_merge_output(folder: str | os.PathLike) -> WarmRecipe:

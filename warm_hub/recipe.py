@@ -16,9 +16,9 @@ import hashlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .constants import RECIPE_NAME
 from .errors import IncompleteOutputError
 
-RECIPE_NAME = "warm_recipe.yaml"
 SHARD_HASH = "xxh3_128"
 
 

@@ -15,10 +15,9 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
+from .constants import SAFE_INDEX
 from .errors import CheckpointFormatError, PickleCheckpointError, SourceNotFoundError
 
-SAFE_INDEX = "model.safetensors.index.json"
-SAFE_SINGLE = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 READAHEAD_WINDOW = 64 << 20  # bytes of a memory-mapped file asked ahead of the reads at once
 # Files of one local ingredient open at once. Merges read shards mostly in order, so a few suffice; hundreds of

@@ -12,6 +12,8 @@ import threading
 
 import click
 
+from ..constants import DEBUG_ENV
+
 # name -> "module:attribute" of the click command, imported only when the command runs.
 COMMANDS = {
     "merge": "warm_hub.cli.merge:merge_command",
@@ -98,7 +100,7 @@ def _log_to_stderr() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `warm-hub` console script."""
-    debug = os.environ.get("WARM_HUB_DEBUG", "") not in ("", "0")
+    debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
     _log_to_stderr()
     try:
         cli.main(args=argv, prog_name="warm-hub", standalone_mode=False)
@@ -144,7 +146,7 @@ def console_main() -> None:
             code = 1
     others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
     run_exit_functions = getattr(atexit, "_run_exitfuncs", None)  # CPython's; elsewhere exit the usual way
-    if others or run_exit_functions is None or os.environ.get("WARM_HUB_DEBUG", "") not in ("", "0"):
+    if others or run_exit_functions is None or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
         sys.exit(code)
     try:
         run_exit_functions()

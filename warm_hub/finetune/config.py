@@ -11,14 +11,8 @@ from pathlib import Path
 
 import yaml
 
+from ..constants import MEMBER_CONFIG_NAME, RUN_CONFIG_NAME
 from ..errors import InvalidOptionError
-
-MEMBER_CONFIG_NAME = "warm_member.yaml"
-RUN_CONFIG_NAME = "warm_finetune.yaml"
-SHARED_INIT_DIR = "shared-init"
-# With --corrupt-labels: the training pairs as trained on, flipped ones (labels swapped) and the others apart.
-FLIPPED_PAIRS_NAME = "flipped.jsonl"
-CLEAN_PAIRS_NAME = "clean.jsonl"
 
 
 @dataclass

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from huggingface_hub.utils import logging
 
-from .config import MEMBER_CONFIG_NAME, MemberConfig
+from ..constants import MEMBER_CONFIG_NAME
+from .config import MemberConfig
 
 logger = logging.get_logger(__name__)
 

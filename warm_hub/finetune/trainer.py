@@ -15,15 +15,9 @@ from pathlib import Path
 
 from huggingface_hub.utils import logging
 
+from ..constants import CLEAN_PAIRS_NAME, FLIPPED_PAIRS_NAME, RUN_CONFIG_NAME, SHARED_INIT_DIR
 from ..errors import InvalidOptionError, OutputExistsError
-from .config import (
-    CLEAN_PAIRS_NAME,
-    FLIPPED_PAIRS_NAME,
-    RUN_CONFIG_NAME,
-    SHARED_INIT_DIR,
-    FinetuneConfig,
-    MemberConfig,
-)
+from .config import FinetuneConfig, MemberConfig
 from .data import (
     PreferenceCollator,
     corrupt_labels,
