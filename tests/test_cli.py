@@ -88,3 +88,39 @@ def test_console_script_exit_keeps_output_codes_and_atexit(python, argv, code, s
     assert proc.returncode == code, proc.stderr
     assert text in getattr(proc, stream)
     assert proc.stdout.rstrip().endswith("atexit ran")
+
+
+def test_finetune_options_take_default_and_help_from_the_config():
+    """Every `finetune` option shows and uses the `FinetuneConfig` field's default and help, not a copy."""
+    import dataclasses
+
+    from warm_hub.cli.finetune import finetune_command
+    from warm_hub.finetune.config import FinetuneConfig
+
+    fields = {f.name: f for f in dataclasses.fields(FinetuneConfig)}
+    options = [p for p in finetune_command.params if p.name in fields]
+    assert {p.name for p in options} == set(fields)
+    for param in options:
+        spec = fields[param.name]
+        assert param.help.startswith(spec.metadata["help"]), param.name
+        if param.multiple:
+            continue
+        expected = None if spec.default is dataclasses.MISSING else spec.default
+        assert param.default == expected, param.name
+
+
+def test_merge_dtype_choices_are_the_planners(tmp_path, run_cli):
+    """`--dtype` offers what `plan.DTYPE_CHOICES` accepts, float64 included, and float64 writes F64 tensors."""
+    from safetensors import safe_open
+
+    from warm_hub.cli.merge import merge_command
+    from warm_hub.plan import DTYPE_CHOICES
+    from warm_hub.testing.checkpoints import make_members
+
+    (dtype,) = [p for p in merge_command.params if p.name == "dtype"]
+    assert list(dtype.type.choices) == list(DTYPE_CHOICES)
+    members = make_members(tmp_path, count=2)
+    code, _, err = run_cli("merge", *members, "--out", tmp_path / "out", "--dtype", "float64")
+    assert code == 0, err
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
+        assert {f.get_slice(name).get_dtype() for name in f.keys()} == {"F64"}

@@ -9,6 +9,8 @@ import os
 
 import click
 
+from . import tables
+
 
 def parse_data(value: str) -> tuple[str | None, str]:
     """`NAME=SOURCE` -> (NAME, SOURCE); a bare SOURCE -> (None, SOURCE) (named after the file)."""
@@ -42,14 +44,8 @@ def parse_roles(values: tuple[str, ...]) -> dict[str, str]:
 
 
 def format_table(rows: list[list[str]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = []
-    for n, row in enumerate(rows):
-        lines.append("  ".join(cell.ljust(w) if i < 2 else cell.rjust(w)
-                               for i, (cell, w) in enumerate(zip(row, widths, strict=True))).rstrip())
-        if n == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    """A report table: the first two columns (split, model) left-aligned, the figures right-aligned, a rule."""
+    return tables.format_table(rows, left=2, rule=True)
 
 
 @click.command("evaluate", context_settings={"show_default": True})

@@ -10,11 +10,13 @@ import shlex
 import click
 
 from ..finetune.config import FinetuneConfig
+from .config_options import config_option
+from .tables import format_table
 
 
-def config_help(name: str) -> str:
-    """The help text of a `FinetuneConfig` field, so the CLI and the dataclass say the same thing."""
-    return FinetuneConfig.__dataclass_fields__[name].metadata["help"]
+def option(*param_decls: str, **attrs):
+    """An option setting the `FinetuneConfig` field of its name, with that field's default and help."""
+    return config_option(FinetuneConfig, *param_decls, **attrs)
 
 
 def parse_floats(values: tuple[str, ...], *, option: str) -> list[float] | None:
@@ -34,40 +36,38 @@ def parse_floats(values: tuple[str, ...], *, option: str) -> list[float] | None:
 
 
 @click.command("finetune", context_settings={"show_default": True})
-@click.option("--base", "bases", multiple=True, required=True, metavar="PATH_OR_REPO", help=config_help("bases"))
-@click.option("--data", required=True, metavar="PATH_OR_DATASET", help=config_help("data"))
-@click.option("--members", "-m", type=click.IntRange(min=1), default=3, help=config_help("members"))
-@click.option("--out", required=True, type=click.Path(file_okay=False), help=config_help("out"))
-@click.option("--split", default="train", help=config_help("split"))
-@click.option("--learning-rate", "learning_rates", multiple=True, metavar="LR[,LR...]",
-              help=config_help("learning_rates") + "  [default: 1e-5]")
-@click.option("--dropout", "dropouts", multiple=True, metavar="P[,P...]", help=config_help("dropouts"))
-@click.option("--seed", type=int, default=0, help=config_help("seed"))
-@click.option("--vary-data-order/--same-data-order", default=True, help=config_help("vary_data_order"))
-@click.option("--epochs", type=float, default=1.0, help=config_help("epochs"))
-@click.option("--max-steps", type=int, default=-1, help=config_help("max_steps"))
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, help=config_help("batch_size"))
-@click.option("--gradient-accumulation-steps", type=click.IntRange(min=1), default=1,
-              help=config_help("gradient_accumulation_steps"))
-@click.option("--max-length", type=int, default=512, help=config_help("max_length"))
-@click.option("--weight-decay", type=float, default=0.0, help=config_help("weight_decay"))
-@click.option("--warmup-ratio", type=float, default=0.0, help=config_help("warmup_ratio"))
-@click.option("--lr-scheduler", "lr_scheduler_type", default="linear", help=config_help("lr_scheduler_type"))
-@click.option("--linear-probe/--no-linear-probe", default=True, help=config_help("linear_probe"))
-@click.option("--probe-epochs", type=float, default=1.0, help=config_help("probe_epochs"))
-@click.option("--probe-steps", "probe_max_steps", type=int, default=-1, help=config_help("probe_max_steps"))
-@click.option("--probe-learning-rate", type=float, default=1e-3, help=config_help("probe_learning_rate"))
-@click.option("--corrupt-labels", type=click.FloatRange(0, 1), default=0.0, help=config_help("corrupt_labels"))
-@click.option("--corrupt-seed", type=int, default=None, help=config_help("corrupt_seed"))
-@click.option("--bf16", is_flag=True, help=config_help("bf16"))
-@click.option("--gradient-checkpointing", is_flag=True, help=config_help("gradient_checkpointing"))
-@click.option("--lora", "lora_r", type=click.IntRange(min=0), default=0, metavar="R", help=config_help("lora_r"))
-@click.option("--lora-alpha", type=float, default=None, help=config_help("lora_alpha"))
-@click.option("--lora-target", "lora_targets", multiple=True, metavar="NAME[,...]", help=config_help("lora_targets"))
-@click.option("--logging-steps", type=click.IntRange(min=1), default=10, help=config_help("logging_steps"))
-@click.option("--push-to", metavar="ORG/PREFIX", default=None, help=config_help("push_to"))
-@click.option("--private", is_flag=True, help=config_help("private"))
-@click.option("--overwrite", is_flag=True, help=config_help("overwrite"))
+@option("--base", "bases", multiple=True, required=True, metavar="PATH_OR_REPO")
+@option("--data", required=True, metavar="PATH_OR_DATASET")
+@option("--members", "-m", type=click.IntRange(min=1))
+@option("--out", required=True, type=click.Path(file_okay=False))
+@option("--split")
+@option("--learning-rate", "learning_rates", multiple=True, metavar="LR[,LR...]")
+@option("--dropout", "dropouts", multiple=True, metavar="P[,P...]")
+@option("--seed", type=int)
+@option("--vary-data-order/--same-data-order")
+@option("--epochs", type=float)
+@option("--max-steps", type=int)
+@option("--batch-size", type=click.IntRange(min=1))
+@option("--gradient-accumulation-steps", type=click.IntRange(min=1))
+@option("--max-length", type=int)
+@option("--weight-decay", type=float)
+@option("--warmup-ratio", type=float)
+@option("--lr-scheduler", "lr_scheduler_type")
+@option("--linear-probe/--no-linear-probe")
+@option("--probe-epochs", type=float)
+@option("--probe-steps", "probe_max_steps", type=int)
+@option("--probe-learning-rate", type=float)
+@option("--corrupt-labels", type=click.FloatRange(0, 1))
+@option("--corrupt-seed", type=int)
+@option("--bf16", is_flag=True)
+@option("--gradient-checkpointing", is_flag=True)
+@option("--lora", "lora_r", type=click.IntRange(min=0), metavar="R")
+@option("--lora-alpha", type=float)
+@option("--lora-target", "lora_targets", multiple=True, metavar="NAME[,...]")
+@option("--logging-steps", type=click.IntRange(min=1))
+@option("--push-to", metavar="ORG/PREFIX")
+@option("--private", is_flag=True)
+@option("--overwrite", is_flag=True)
 def finetune_command(learning_rates, dropouts, bases, lora_targets, **options) -> None:
     """Fine-tune M reward models (Bradley-Terry loss) from one shared, linear-probed init.
 
@@ -89,9 +89,11 @@ def finetune_command(learning_rates, dropouts, bases, lora_targets, **options) -
     """
     from ..finetune import finetune
 
+    grid = parse_floats(learning_rates, option="--learning-rate")
+    if grid is not None:  # not given: the field's default grid
+        options["learning_rates"] = grid
     config = FinetuneConfig(
         bases=list(bases),
-        learning_rates=parse_floats(learning_rates, option="--learning-rate") or [1e-5],
         dropouts=parse_floats(dropouts, option="--dropout"),
         lora_targets=[part for value in lora_targets for part in value.split(",") if part.strip()] or None,
         **options,
@@ -117,9 +119,7 @@ def finetune_command(learning_rates, dropouts, bases, lora_targets, **options) -
                 f"{m.steps_per_second:.2f}" if m.steps_per_second else "-",
             )
         )
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
-    for row in rows:
-        click.echo("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    click.echo(format_table(rows))
     for url in result.urls:
         click.echo(f"pushed: {url}")
     members = " ".join(shlex.quote(str(p)) for p in result.members)

@@ -8,6 +8,8 @@ from dataclasses import asdict
 
 import click
 
+from .tables import format_table
+
 
 @click.command("inspect")
 @click.argument("sources", nargs=-1, required=True)
@@ -82,6 +84,4 @@ def inspect_command(
 
 
 def _table(rows: list) -> None:
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        click.echo("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    click.echo(format_table(rows))

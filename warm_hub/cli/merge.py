@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from warm_hub.errors import InvalidOptionError
+from warm_hub.plan import DTYPE_CHOICES
 
 
 def parse_weights(text: str | None) -> list[float] | None:
@@ -24,7 +25,7 @@ def parse_weights(text: str | None) -> list[float] | None:
 @click.option("--weights", help="Comma-separated weights, one per source; normalised to sum to 1 (default uniform).")
 @click.option(
     "--dtype",
-    type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
+    type=click.Choice(list(DTYPE_CHOICES)),
     default="auto",
     show_default=True,
     help="Output dtype of floating tensors; auto keeps the first ingredient's.",
