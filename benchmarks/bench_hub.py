@@ -230,7 +230,7 @@ def child_fixed(repos: list[str]) -> dict:
     import contextlib
 
     from warm_hub.card import ingredient_metadata
-    from warm_hub.merging import _read_metadata
+    from warm_hub.merging import read_metadata
     from warm_hub.recipe import Ingredient
     from warm_hub.source_factory import open_sources
     from warm_hub.sources import TOKENIZER_FILES
@@ -241,7 +241,7 @@ def child_fixed(repos: list[str]) -> dict:
         opened = open_sources(repos, stack)
         figures["pin"] = time.perf_counter() - started
         started = time.perf_counter()
-        _read_metadata(opened)
+        read_metadata(opened)
         figures["index_headers_config"] = time.perf_counter() - started
         started = time.perf_counter()
         available = set(opened[0].list_files())

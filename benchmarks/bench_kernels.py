@@ -154,14 +154,14 @@ class _Bench:
         else:
             self.add(case, n, "torch.compile fused", None, nbytes, "skipped")
         if sweep:
-            original = self.wa._launch_config
+            original = self.wa.launch_config
             for block, warps in [(1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8), (8192, 16)]:
-                self.wa._launch_config = lambda itemsize, config=(block, warps): config
+                self.wa.launch_config = lambda itemsize, config=(block, warps): config
                 try:
                     run = lambda: weighted_average(inputs, weights, out=out)  # noqa: E731
                     self.add(case, n, f"sweep BLOCK={block} warps={warps}", run, nbytes)
                 finally:
-                    self.wa._launch_config = original
+                    self.wa.launch_config = original
         _empty_cache(self.device)
 
     def tensor_list(self, case: str, shapes: list[tuple[int, ...]], n: int) -> None:

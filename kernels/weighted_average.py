@@ -452,8 +452,12 @@ def _overlap_problem(pairs: list[tuple[torch.Tensor, list[torch.Tensor]]]) -> st
     return None
 
 
-def _launch_config(itemsize: int) -> tuple[int, int]:
-    """(elements per program, warps): 8 warps, each thread owning 32 bytes of the widest tensor."""
+def launch_config(itemsize: int) -> tuple[int, int]:
+    """(elements per program, warps) of a launch whose widest tensor has `itemsize`-byte elements.
+
+    8 warps, each thread owning 32 bytes of the widest tensor. Public so that `benchmarks/bench_kernels.py
+    --sweep` can replace it to time other block sizes.
+    """
     num_warps = 8
     return num_warps * 32 * (32 // itemsize), num_warps
 
@@ -466,7 +470,7 @@ def _launch_single(
     inputs: list[torch.Tensor], ws: tuple[float, ...], out: torch.Tensor, nonfinite: torch.Tensor | None
 ) -> None:
     n = out.numel()
-    block, num_warps = _launch_config(max(x.element_size() for x in [*inputs, out]))
+    block, num_warps = launch_config(max(x.element_size() for x in [*inputs, out]))
     grid = (triton.cdiv(n, block),)
     passes = _passes(len(inputs))
     scratch = torch.empty(n, dtype=torch.float32, device=out.device) if len(passes) > 1 else out
@@ -588,7 +592,7 @@ class _Launch:
 
 def _grouped_config(itemsize: int, numels: list[int]) -> tuple[int, int]:
     """Programs sized to the typical tensor (a 768-element norm should not idle most of a 4096-wide program)."""
-    block, num_warps = _launch_config(itemsize)
+    block, num_warps = launch_config(itemsize)
     per_warp = block // num_warps
     typical = sorted(numels)[len(numels) // 2]
     size = min(block, max(per_warp, triton.next_power_of_2(typical)))

@@ -19,9 +19,9 @@ from warm_hub.evaluate import (
     pairwise_accuracy,
     results_table,
 )
-from warm_hub.finetune.data import join_prompt_response
 from warm_hub.stats import wilson_interval
 from warm_hub.testing.preference_data import review_pairs, review_tokenizer, tiny_reward_model, write_pairs
+from warm_hub.text_rule import join_prompt_response
 
 
 def forward_reward(model, tokenizer, prompt: str, response: str) -> float:

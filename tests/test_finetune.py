@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors import safe_open
 
 from warm_hub.errors import InvalidOptionError, OutputExistsError, SourceNotFoundError
 from warm_hub.finetune import (
@@ -22,7 +21,8 @@ from warm_hub.finetune import (
     format_text,
     load_preference_data,
 )
-from warm_hub.finetune.data import PreferenceCollator, join_prompt_response, tokenize_preferences
+from warm_hub.finetune.data import PreferenceCollator, tokenize_preferences
+from warm_hub.testing.checkpoints import load_tensors
 from warm_hub.testing.preference_data import (
     conversational,
     review_pairs,
@@ -30,14 +30,7 @@ from warm_hub.testing.preference_data import (
     tiny_base,
     write_pairs,
 )
-
-
-def tensors(folder) -> dict[str, torch.Tensor]:
-    out = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(file), "pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
+from warm_hub.text_rule import join_prompt_response
 
 
 def read_jsonl(path) -> list[dict]:
@@ -175,7 +168,7 @@ def test_finetune_writes_loadable_diverse_members_from_one_shared_head(tmp_path,
         assert member["corrupt_labels"] == 0.25
         # The dropout grid reaches the saved config (GPT-2's three dropout settings).
         assert model.config.resid_pdrop == model.config.attn_pdrop == [0.0, 0.2][i % 2]
-        weights.append(tensors(path))
+        weights.append(load_tensors(path))
     for a in range(3):
         for b in range(a + 1, 3):
             assert any(not torch.equal(weights[a][k], weights[b][k]) for k in weights[a]), (a, b)
@@ -210,21 +203,21 @@ def test_members_start_from_the_probed_shared_head(tmp_path, base, train_file):
     # A vanishing learning rate keeps each member at its start: what they share is the probed head.
     result = finetune(small_config(base, train_file, tmp_path / "run", members=2, learning_rates=[1e-12],
                                    dropouts=None))
-    shared = tensors(result.shared_init)["score.weight"]
+    shared = load_tensors(result.shared_init)["score.weight"]
     set_seed(0)
     random_head = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1).score.weight.detach()
     assert not torch.allclose(shared, random_head), "the linear probe did not train the head"
     for path in result.members:
-        torch.testing.assert_close(tensors(path)["score.weight"], shared, atol=1e-6, rtol=0)
+        torch.testing.assert_close(load_tensors(path)["score.weight"], shared, atol=1e-6, rtol=0)
         # ...and the backbone is the base's: only the head was probed.
-        torch.testing.assert_close(tensors(path)["transformer.h.0.mlp.c_fc.weight"],
-                                   tensors(base)["transformer.h.0.mlp.c_fc.weight"], atol=1e-6, rtol=0)
+        torch.testing.assert_close(load_tensors(path)["transformer.h.0.mlp.c_fc.weight"],
+                                   load_tensors(base)["transformer.h.0.mlp.c_fc.weight"], atol=1e-6, rtol=0)
 
 
 def test_finetune_is_deterministic(tmp_path, base, train_file):
     first = finetune(small_config(base, train_file, tmp_path / "a", members=1, dropouts=[0.1]))
     second = finetune(small_config(base, train_file, tmp_path / "b", members=1, dropouts=[0.1]))
-    a, b = tensors(first.members[0]), tensors(second.members[0])
+    a, b = load_tensors(first.members[0]), load_tensors(second.members[0])
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -234,10 +227,10 @@ def test_baklava_assigns_one_base_per_member(tmp_path, tokenizer, train_file):
                                    learning_rates=[1e-12], bases=[str(b) for b in bases]))
     for i, path in enumerate(result.members):
         assert yaml.safe_load((path / "warm_member.yaml").read_text())["base"] == str(bases[i])
-        torch.testing.assert_close(tensors(path)["transformer.h.0.mlp.c_fc.weight"],
-                                   tensors(bases[i])["transformer.h.0.mlp.c_fc.weight"], atol=1e-6, rtol=0)
+        torch.testing.assert_close(load_tensors(path)["transformer.h.0.mlp.c_fc.weight"],
+                                   load_tensors(bases[i])["transformer.h.0.mlp.c_fc.weight"], atol=1e-6, rtol=0)
     # Both members start from the same head, probed on the first base.
-    heads = [tensors(p)["score.weight"] for p in result.members]
+    heads = [load_tensors(p)["score.weight"] for p in result.members]
     torch.testing.assert_close(heads[0], heads[1], atol=1e-6, rtol=0)
 
 
@@ -336,3 +329,18 @@ def test_distributed_run_writes_members_once(tmp_path, base, train_file):
         "member-0", "member-1", "shared-init", "warm_finetune.yaml",
     ]
     assert yaml.safe_load((tmp_path / "run" / "member-1" / "warm_member.yaml").read_text())["steps"] == 2
+
+
+def test_member_settings_are_fields_of_both_configs():
+    """The settings a member copies from the run exist in both configs with one type, and every member has them."""
+    from dataclasses import fields
+
+    from warm_hub.finetune.config import MEMBER_SETTINGS, FinetuneConfig, MemberConfig
+
+    run = {f.name: f.type for f in fields(FinetuneConfig)}
+    member = {f.name: f.type for f in fields(MemberConfig)}
+    for name in MEMBER_SETTINGS:
+        assert run[name] == member[name], name
+    config = FinetuneConfig(bases=["b"], data="d.jsonl", out="o", members=2, epochs=3.0, split="dev", max_length=77)
+    for m in config.member_configs():
+        assert (m.epochs, m.split, m.max_length) == (3.0, "dev", 77)

@@ -16,6 +16,7 @@ from warm_hub.errors import CheckpointFormatError, InvalidOptionError, PickleChe
 from warm_hub.hub import HubAccessError, HubOfflineError, HubSource, HubTransferError, parse_reference
 from warm_hub.source_factory import open_source
 from warm_hub.testing.checkpoints import make_members
+from warm_hub.testing.cli_output import error_line
 
 merge = warm_hub.merge
 
@@ -47,13 +48,6 @@ def hub(hub_server, members):
     """org/a, org/b, org/c holding the three members (uploaded server-side); returns (server, commit shas)."""
     shas = [hub_server.upload_folder(f"org/{name}", path) for name, path in zip("abc", members, strict=True)]
     return hub_server, shas
-
-
-def error_line(stderr: str) -> str:
-    """The CLI's error: one line, the last one (INFO/WARNING lines from the library may come before it)."""
-    lines = stderr.strip().splitlines()
-    assert lines and sum(line.startswith("Error: ") for line in lines) == 1, stderr
-    return lines[-1]
 
 
 def partial_folder(out: Path) -> Path:

@@ -6,10 +6,9 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from warm_hub.inspect import inspect_ingredients
-from warm_hub.testing.checkpoints import make_members, save_checkpoint, tiny_model
+from warm_hub.testing.checkpoints import load_tensors, make_members, save_checkpoint, tiny_model
 
 
 def test_distances_match_torch(tmp_path):
@@ -18,9 +17,7 @@ def test_distances_match_torch(tmp_path):
     assert report.mergeable and report.problems == []
     vectors = []
     for m in members:
-        tensors = {}
-        for f in m.glob("*.safetensors"):
-            tensors.update(load_file(f))
+        tensors = load_tensors(m)
         vectors.append(torch.cat([tensors[k].double().flatten() for k in sorted(tensors)]))
     mean = torch.stack(vectors).mean(0)
     for i in range(3):

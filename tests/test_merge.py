@@ -14,18 +14,10 @@ from safetensors.torch import save_file
 
 import warm_hub
 from warm_hub.errors import IncompatibleCheckpointsError
-from warm_hub.testing.checkpoints import make_members, perturb, save_checkpoint, tiny_model
+from warm_hub.testing.checkpoints import load_tensors, make_members, perturb, save_checkpoint, tiny_model
 
 INPUT_IDS = torch.tensor([[2, 10, 11, 12, 13, 3], [2, 20, 21, 3, 0, 0]])
 ATTENTION = (INPUT_IDS != 0).long()
-
-
-def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(file, "pt") as f:
-            tensors.update({k: f.get_tensor(k) for k in f.keys()})
-    return tensors
 
 
 def reference_average(members: list[dict[str, torch.Tensor]], weights: list[float], dtype=None):

@@ -14,6 +14,7 @@ from warm_hub.errors import IncompleteOutputError
 from warm_hub.hub import HubAccessError, HubTransferError, check_merge_output, push_to_hub
 from warm_hub.recipe import WarmRecipe
 from warm_hub.testing.checkpoints import make_members
+from warm_hub.testing.cli_output import error_line
 
 merge = warm_hub.merge
 
@@ -39,12 +40,6 @@ def authed(hub_server, monkeypatch):
     hub_server.add_token(TOKEN, user="alice")
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     return hub_server
-
-
-def error_line(stderr: str) -> str:
-    lines = stderr.strip().splitlines()
-    assert lines and sum(line.startswith("Error: ") for line in lines) == 1, stderr
-    return lines[-1]
 
 
 def test_push_is_one_commit_with_every_file_and_the_card_names_the_repo(authed, output, run_cli):

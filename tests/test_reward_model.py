@@ -7,8 +7,8 @@ import torch
 
 from warm_hub import RewardModel
 from warm_hub.errors import CheckpointFormatError
-from warm_hub.finetune.data import join_prompt_response
 from warm_hub.testing.preference_data import review_pairs, review_tokenizer, tiny_base, tiny_reward_model
+from warm_hub.text_rule import join_prompt_response
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,7 @@ def test_a_huge_text_is_cut_before_tokenizing_and_scores_as_its_end(rm, monkeypa
     """One 20 MB line used to take a minute and 5 GB: the end that the model reads is all that gets tokenized."""
     import time
 
-    from warm_hub.finetune import data
+    from warm_hub import text_rule
 
     rows = review_pairs(40, seed=5)
     words = " ".join(r["chosen"] for r in rows).split()
@@ -115,13 +115,13 @@ def test_a_huge_text_is_cut_before_tokenizing_and_scores_as_its_end(rm, monkeypa
     prompt = "review the cafe ."
     full = [rm.tokenizer(join_prompt_response(prompt, t))["input_ids"][-rm.max_length :] for t in (huge, runs)]
     seen = []
-    real = data._tokenize
+    real = text_rule._tokenize
 
     def tokenize(tokenizer, texts):
         seen.extend(len(text) for text, _ in texts)
         return real(tokenizer, texts)
 
-    monkeypatch.setattr(data, "_tokenize", tokenize)
+    monkeypatch.setattr(text_rule, "_tokenize", tokenize)
     started = time.perf_counter()
     scores = rm.score(prompt, [huge, runs])
     assert time.perf_counter() - started < 5
@@ -129,4 +129,5 @@ def test_a_huge_text_is_cut_before_tokenizing_and_scores_as_its_end(rm, monkeypa
     assert scores == pytest.approx([rm.score_ids([ids])[0] for ids in full], abs=1e-6)
     # Texts below the cut are tokenized whole: results for normal texts do not change.
     short = rows[0]["chosen"]
-    assert data.encode(rm.tokenizer, [None], [short], max_length=4) == data.encode(rm.tokenizer, [None], [short])
+    encode = text_rule.encode
+    assert encode(rm.tokenizer, [None], [short], max_length=4) == encode(rm.tokenizer, [None], [short])

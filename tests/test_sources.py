@@ -13,12 +13,7 @@ from pathlib import Path
 import pytest
 
 from warm_hub.testing.checkpoints import make_members
-
-
-def error_line(stderr: str) -> str:
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: ") and "Traceback" not in stderr, stderr
-    return lines[0]
+from warm_hub.testing.cli_output import error_line
 
 
 def as_cache_snapshot(member: Path, cache: Path, repo: str, sha: str) -> Path:
@@ -55,7 +50,7 @@ def test_a_hugging_face_cache_snapshot_is_a_local_input(tmp_path, run_cli):
     weights.unlink()
     weights.symlink_to(members[0] / "model.safetensors.index.json")
     code, _, err = run_cli("merge", *snapshots, "--out", tmp_path / "escape")
-    assert code == 1 and "points outside the cached repo's folder" in error_line(err)
+    assert code == 1 and "points outside the cached repo's folder" in error_line(err, alone=True)
 
 
 def test_an_index_naming_a_fifo_is_refused_without_waiting(tmp_path, run_cli):
@@ -68,7 +63,7 @@ def test_an_index_naming_a_fifo_is_refused_without_waiting(tmp_path, run_cli):
         code, _, err = run_cli("merge", *members, "--out", tmp_path / "out")
     finally:
         signal.alarm(0)
-    assert code == 1 and f"{shard.name!r} is not a regular file" in error_line(err)
+    assert code == 1 and f"{shard.name!r} is not a regular file" in error_line(err, alone=True)
 
 
 def test_many_shards_stay_within_the_open_file_limit(tmp_path, python):
@@ -91,7 +86,7 @@ def test_many_shards_stay_within_the_open_file_limit(tmp_path, python):
     assert done.returncode == 0, done.stderr
     refused = run(*members, "--out", tmp_path / "too-many", "--shard-size", "1")
     assert refused.returncode == 1
-    assert "open files" in error_line(refused.stderr) and "ulimit -n" in refused.stderr
+    assert "open files" in error_line(refused.stderr, alone=True) and "ulimit -n" in refused.stderr
     assert not (tmp_path / "too-many").exists()
 
 

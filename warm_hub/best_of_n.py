@@ -210,7 +210,8 @@ def load_prompts(source: str | os.PathLike | Sequence[Any] | Any, *, split: str 
     Raises:
         PromptDataError: no `prompt` column, no prompts, or a prompt that is neither text nor chat messages.
     """
-    from .finetune.data import is_conversational, load_data_source
+    from .finetune.data import load_data_source
+    from .text_rule import is_conversational
 
     label = "prompts"
     if isinstance(source, str | os.PathLike):
@@ -304,7 +305,7 @@ def sample_candidates(
 
 
 def _prompt_ids(tokenizer, prompt) -> list[int]:
-    from .finetune.data import is_conversational
+    from .text_rule import is_conversational
 
     if is_conversational(prompt):
         if not getattr(tokenizer, "chat_template", None):

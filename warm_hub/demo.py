@@ -15,7 +15,8 @@ from pathlib import Path
 
 from huggingface_hub.utils import logging
 
-from .errors import InvalidOptionError, OutputExistsError
+from .errors import InvalidOptionError
+from .output_folder import prepare_output
 
 logger = logging.get_logger(__name__)
 
@@ -240,7 +241,7 @@ def run_demo(config: DemoConfig, *, tqdm_class=None) -> DemoResult:
     try:
         started = time.perf_counter()
         out = Path(config.out)
-        _prepare_output(out, overwrite=config.overwrite)
+        prepare_output(out, overwrite=config.overwrite, owns=_written_by_demo)
         (out / "demo_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n", encoding="utf-8")
         runs = []
         for k in range(config.seeds):
@@ -257,19 +258,9 @@ def run_demo(config: DemoConfig, *, tqdm_class=None) -> DemoResult:
         torch.set_num_threads(previous)
 
 
-def _prepare_output(out: Path, *, overwrite: bool) -> None:
-    import shutil
-
-    if out.is_file():
-        raise OutputExistsError(f"{out} exists and is a file")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise OutputExistsError(f"{out} exists and is not empty (pass --overwrite to replace it)")
-        # Only what a demo writes goes: `--out . --overwrite` must not empty someone's folder.
-        for entry in out.iterdir():
-            if entry.name in DEMO_ENTRIES or entry.name.startswith("warm.warm-hub-"):
-                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+def _written_by_demo(name: str) -> bool:
+    """Whether an entry of the output folder is one a demo writes (only those go with --overwrite)."""
+    return name in DEMO_ENTRIES or name.startswith("warm.warm-hub-")
 
 
 def _run_demo(config: DemoConfig, out: Path, *, tqdm_class) -> DemoResult:

@@ -29,6 +29,7 @@ from .errors import (
 )
 from .journal import ResumeJournal
 from .plan import MergePlan, OutputTensor
+from .positional_io import pread_full, pwrite_all
 from .recipe import shard_digest, shard_hasher
 from .safetensors_io import itemsize, torch_dtype
 from .sizes import format_size
@@ -207,22 +208,16 @@ class ShardWriter:
             raise
 
     def pwrite(self, fd: int, data: memoryview, offset: int, path: object = "output") -> None:
-        done = 0
         try:
-            while done < len(data):
-                done += os.pwrite(fd, data[done:], offset + done)
+            pwrite_all(fd, data, offset)
         except OSError as exc:
             if exc.errno in DISK_FULL_ERRNOS:
                 raise disk_full(exc, path) from None
             raise
 
     def pread(self, fd: int, data: memoryview, offset: int) -> None:
-        done = 0
-        while done < len(data):
-            n = os.preadv(fd, [data[done:]], offset + done)
-            if n == 0:
-                raise OSError(errno.EIO, "partial output is shorter than planned; rerun without --resume")
-            done += n
+        if pread_full(fd, data, offset) < len(data):
+            raise OSError(errno.EIO, "partial output is shorter than planned; rerun without --resume")
 
     def close(self) -> None:
         for fd in self.fds:

@@ -65,3 +65,7 @@ class IncompleteOutputError(WarmHubError, ValueError):
 
 class UnsupportedAdapterError(WarmHubError, ValueError):
     """A PEFT adapter of a kind warm-hub cannot merge (not LoRA, DoRA, embedding or convolution targets, ...)."""
+
+
+class PreferenceDataError(WarmHubError, ValueError):
+    """Preference data lacks the `chosen`/`rejected` columns or holds values of the wrong kind."""

@@ -21,6 +21,7 @@ from . import __version__
 from .constants import PULL_ENV
 from .errors import CheckpointFormatError, InvalidOptionError
 from .hub_errors import HubOfflineError, HubTransferError, hub_errors
+from .positional_io import pread_full, pwrite_all
 from .range_reader import RangeReader
 from .sources import IngredientSource
 
@@ -320,9 +321,7 @@ class HubSource(IngredientSource):
             for start in range(0, size, step):
                 view = memoryview(buffer)[: min(step, size - start)]
                 self._reader.read(name, start, view, part_size=DOWNLOAD_PART)
-                done = 0
-                while done < len(view):
-                    done += os.pwrite(fd, view[done:], start + done)
+                pwrite_all(fd, view, start)
         finally:
             os.close(fd)
         with self._lock:
@@ -334,12 +333,8 @@ class HubSource(IngredientSource):
             fd = self._fds.get(path)
             if fd is None:
                 fd = self._fds[path] = os.open(path, os.O_RDONLY)
-        done = 0
-        while done < len(buffer):
-            n = os.preadv(fd, [buffer[done:]], offset + done)
-            if n == 0:
-                raise CheckpointFormatError(f"{self.repo_id}: cached file {path.name} is shorter than expected")
-            done += n
+        if pread_full(fd, buffer, offset) < len(buffer):
+            raise CheckpointFormatError(f"{self.repo_id}: cached file {path.name} is shorter than expected")
 
     # ---- HTTP ----------------------------------------------------------------------------------------------
 

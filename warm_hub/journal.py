@@ -17,8 +17,8 @@ from .errors import ResumeMismatchError
 class ResumeJournal:
     """The journal of a partial output folder; use `start` or `load`, not the constructor."""
 
-    def __init__(self, path: Path, *, chunk: int, done: set[int], resumed: bool) -> None:
-        self.path, self.chunk, self.resumed = path, chunk, resumed
+    def __init__(self, path: Path, *, chunk: int, done: set[int]) -> None:
+        self.path, self.chunk = path, chunk
         self._done = done
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND)
 
@@ -27,7 +27,7 @@ class ResumeJournal:
         """Begin a fresh journal (call once the shard files exist with their headers)."""
         path = folder / JOURNAL_NAME
         path.write_text(json.dumps({"fingerprint": fingerprint, "chunk": chunk}) + "\n", encoding="utf-8")
-        return cls(path, chunk=chunk, done=set(), resumed=False)
+        return cls(path, chunk=chunk, done=set())
 
     @classmethod
     def load(cls, folder: Path, *, fingerprint: str) -> ResumeJournal | None:
@@ -51,7 +51,7 @@ class ResumeJournal:
             )
         # Only newline-terminated lines count: a line cut short by a crash is simply done again.
         done = {int(line) for line in lines[1:-1] if line.isdigit()}
-        return cls(path, chunk=chunk, done=done, resumed=True)
+        return cls(path, chunk=chunk, done=done)
 
     def done(self) -> set[int]:
         return set(self._done)

@@ -31,11 +31,11 @@ from .errors import (
     IncompatibleCheckpointsError,
     InvalidOptionError,
     NonFiniteWeightsError,
-    OutputExistsError,
     OutputOverlapsInputError,
     WarmHubError,
 )
 from .journal import ResumeJournal
+from .output_folder import check_output
 from .output_lock import output_lock
 from .plan import DEFAULT_SHARD_SIZE, MergePlan, plan_merge
 from .recipe import AdapterBase, Ingredient, WarmRecipe
@@ -114,14 +114,6 @@ def resolve_device(device: str):
     return resolved
 
 
-def check_output(out: Path, *, overwrite: bool) -> None:
-    """Refuse an output that exists as a file (or a dangling link), or as a non-empty folder without `overwrite`."""
-    if out.is_file() or out.is_symlink() and not out.is_dir():
-        raise OutputExistsError(f"{out} exists and is a file (or a link to nothing)")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise OutputExistsError(f"{out} exists and is not empty (pass --overwrite to replace it)")
-
-
 def output_target(out: Path) -> Path:
     """Where the output is written: `out` itself, or for a link to a folder, the folder it points to.
 
@@ -187,7 +179,7 @@ def merge(
             `.safetensors` file, which has none, is refused: merge its folder).
         out: the output folder (written under a temporary name, renamed when complete).
         weights: one per source, normalised to sum to 1; uniform when None.
-        dtype: output dtype of floating tensors (`bfloat16`, `float16`, `float32`), or None/`auto` to keep
+        dtype: output dtype of floating tensors (`bfloat16`, `float16`, `float32`, `float64`), or None/`auto` to keep
             the first ingredient's dtype of each tensor.
         device: where to average: `auto` (CUDA when present), `cpu` or `cuda`.
         max_memory: budget for the chunk buffers (`"512MB"` or bytes).
@@ -238,63 +230,35 @@ def merge(
         locked.enter_context(output_lock(out))
         check_output(out, overwrite=overwrite)  # under the lock: no other merge can be publishing it
         adapted = _plan_adapted(opened, stack, base, weights, dtype, shard_bytes, token, as_adapter)
+        if adapted is not None and as_adapter:
+            ingredients = _ingredients(opened, adapted.plan)
+            return _write_adapter_output(adapted, ingredients, out, started, push_to, private, token)
         if adapted is not None:
             plan, read_from, configs = adapted.plan, adapted.sources, [adapted.config]
             side_sources = [adapted.side_source]
             verdict = Compatibility(problems=[])
-            if as_adapter:
-                ingredients = [
-                    Ingredient(source=s.label, weight=w, revision=s.revision, local=s.is_local)
-                    for s, w in zip(opened, plan.weights, strict=True)
-                ]
-                return _write_adapter_output(adapted, ingredients, out, started, push_to, private, token)
         else:
-            checkpoints, configs = _read_metadata(opened)
-            verdict = check_compatibility(checkpoints, configs, allow_mismatch=allowed_keys)
-            if verdict.problems:
-                raise IncompatibleCheckpointsError(refusal_message(verdict.problems))
-            for line in verdict.allowed:
-                logger.warning("merging ingredients that differ, as --allow-config-mismatch asks: %s", line)
-            plan = plan_merge(checkpoints, weights=weights, dtype=dtype, shard_size=shard_bytes)
+            plan, configs, verdict = _plan_full(opened, weights, dtype, shard_bytes, allowed_keys)
             read_from, side_sources = opened, opened
         side_files = plan_side_files(side_sources, configs, trust_remote_code_files=trust_remote_code_files)
         check_open_files(plan, read_from)
         fingerprint = plan.fingerprint([s.identity() for s in read_from])
         partial = partial_folder(out)
+        # Outside the clean-up below: a refused --resume keeps the partial folder it refused.
         journal = ResumeJournal.load(partial, fingerprint=fingerprint) if resume else None
         try:
             if journal is None:
-                mapped_cpu = torch_device.type == "cpu" and all(s.is_local for s in read_from)
-                chunk = chunk_elements(plan, memory, mapped_cpu=mapped_cpu)
-                if partial.exists():
-                    shutil.rmtree(partial)
-                partial.mkdir(parents=True)
-                ShardWriter(plan, partial, create=True).close()
-                journal = ResumeJournal.start(partial, fingerprint=fingerprint, chunk=chunk)
+                journal = _start_partial(plan, read_from, partial, fingerprint, torch_device, memory)
             else:
                 logger.info("resuming: %d chunks already done", len(journal.done()))
             stack.callback(journal.close)
             resumed = len(journal.done())
-            ingredients = [
-                Ingredient(source=s.label, weight=w, revision=s.revision, local=s.is_local)
-                for s, w in zip(opened, plan.weights, strict=True)
-            ]
-            prepared = side.submit(
-                _prepare_side_files, plan, side_sources, configs, ingredients, partial, side_files, token=token
+            ingredients = _ingredients(opened, plan)
+            digests = _write_partial(
+                plan, read_from, partial, journal, side, side_sources, configs, ingredients, side_files,
+                adapted=adapted, device=torch_device, allow_non_finite=allow_non_finite, tqdm_class=tqdm_class,
+                token=token,
             )
-            try:
-                digests = _run_engine(plan, read_from, partial, journal, torch_device, allow_non_finite, tqdm_class)
-            finally:
-                wait([prepared])
-            journal.close()
-            try:
-                found = prepared.result()
-                used = adapted and AdapterBase.of(adapted.base.source, reference=adapted.base_reference)
-                _finish_side_files(plan, ingredients, partial, digests, found, token=token, base=used)
-            except OSError as exc:
-                if exc.errno in DISK_FULL_ERRNOS:
-                    raise disk_full(exc, partial) from None
-                raise
             _publish(partial, out)
         except _FINAL_ERRORS:
             shutil.rmtree(partial, ignore_errors=True)
@@ -321,7 +285,70 @@ def merge(
     return result
 
 
-def _read_metadata(sources: list[IngredientSource]) -> tuple[list, list[dict | None]]:
+def _plan_full(opened, weights, dtype, shard_bytes: int, allowed_keys) -> tuple[MergePlan, list, Compatibility]:
+    """Plan a merge of full checkpoints: read their metadata, refuse incompatible ones, warn of allowed mismatches.
+
+    Returns:
+        (plan, configs, compatibility verdict).
+    """
+    checkpoints, configs = read_metadata(opened)
+    verdict = check_compatibility(checkpoints, configs, allow_mismatch=allowed_keys)
+    if verdict.problems:
+        raise IncompatibleCheckpointsError(refusal_message(verdict.problems))
+    for line in verdict.allowed:
+        logger.warning("merging ingredients that differ, as --allow-config-mismatch asks: %s", line)
+    plan = plan_merge(checkpoints, weights=weights, dtype=dtype, shard_size=shard_bytes)
+    return plan, configs, verdict
+
+
+def _ingredients(opened: list[IngredientSource], plan: MergePlan) -> list[Ingredient]:
+    """The recipe's ingredients: each source as typed, with its normalised weight and pinned revision."""
+    return [
+        Ingredient(source=s.label, weight=w, revision=s.revision, local=s.is_local)
+        for s, w in zip(opened, plan.weights, strict=True)
+    ]
+
+
+def _start_partial(plan: MergePlan, read_from, partial: Path, fingerprint: str, device, memory: int) -> ResumeJournal:
+    """A fresh partial folder: empty shard files with their headers, and a new journal of the chunk size."""
+    mapped_cpu = device.type == "cpu" and all(s.is_local for s in read_from)
+    chunk = chunk_elements(plan, memory, mapped_cpu=mapped_cpu)
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    ShardWriter(plan, partial, create=True).close()
+    return ResumeJournal.start(partial, fingerprint=fingerprint, chunk=chunk)
+
+
+def _write_partial(
+    plan, read_from, partial: Path, journal: ResumeJournal, side, side_sources, configs, ingredients, side_files,
+    *, adapted, device, allow_non_finite: bool, tqdm_class, token,
+) -> dict[str, str]:
+    """Stream the weights into `partial` while the side thread prepares the other files, then finish them.
+
+    Returns:
+        The shard digests.
+    """
+    prepared = side.submit(
+        _prepare_side_files, plan, side_sources, configs, ingredients, partial, side_files, token=token
+    )
+    try:
+        digests = _run_engine(plan, read_from, partial, journal, device, allow_non_finite, tqdm_class)
+    finally:
+        wait([prepared])
+    journal.close()
+    try:
+        found = prepared.result()
+        used = adapted and AdapterBase.of(adapted.base.source, reference=adapted.base_reference)
+        _finish_side_files(plan, ingredients, partial, digests, found, token=token, base=used)
+    except OSError as exc:
+        if exc.errno in DISK_FULL_ERRNOS:
+            raise disk_full(exc, partial) from None
+        raise
+    return digests
+
+
+def read_metadata(sources: list[IngredientSource]) -> tuple[list, list[dict | None]]:
     """Every ingredient's checkpoint (index, headers) and config; Hub ones all at once, as each costs round trips.
 
     Returns:

@@ -1,6 +1,6 @@
 """`RewardModel`: score (prompt, response) pairs with a reward checkpoint, rerank best-of-N, serve as a TRL reward.
 
-Texts are built with the same rule as fine-tuning (`warm_hub.finetune.data.format_text`), batched by length with
+Texts are built with the same rule as fine-tuning (`warm_hub.text_rule.format_text`), batched by length with
 right padding, so a response gets the same reward alone or in a batch.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointFormatError
-from .finetune.data import encode, ensure_pad_token
+from .text_rule import encode, ensure_pad_token
 
 DEFAULT_BATCH_SIZE = 16
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .constants import SAFE_INDEX
 from .errors import CheckpointFormatError, PickleCheckpointError, SourceNotFoundError
+from .positional_io import pread_full
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 READAHEAD_WINDOW = 64 << 20  # bytes of a memory-mapped file asked ahead of the reads at once
@@ -236,15 +237,12 @@ class LocalSource(IngredientSource):
             entry.users += 1
             fd = entry.fd
         try:
-            done, total = 0, len(buffer)
-            while done < total:
-                n = os.preadv(fd, [buffer[done:]], offset + done)
-                if n == 0:
-                    raise CheckpointFormatError(
-                        f"{self.path}/{name}: file ended at byte {offset + done}, expected {offset + total}"
-                        " (truncated?)"
-                    )
-                done += n
+            done = pread_full(fd, buffer, offset)
+            if done < len(buffer):
+                raise CheckpointFormatError(
+                    f"{self.path}/{name}: file ended at byte {offset + done}, expected {offset + len(buffer)}"
+                    " (truncated?)"
+                )
         finally:
             with self._lock:
                 entry.users -= 1

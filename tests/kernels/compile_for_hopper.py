@@ -78,7 +78,7 @@ def main() -> int:
     def single(dtypes, out_dtype, count, n=1 << 20, offset=0, check=False):
         xs = tuple(torch.empty(n + offset, dtype=dtypes[i % len(dtypes)])[offset:] for i in range(count))
         out = torch.empty(n, dtype=out_dtype)
-        block, num_warps = wa._launch_config(max(x.element_size() for x in (*xs, out)))
+        block, num_warps = wa.launch_config(max(x.element_size() for x in (*xs, out)))
         return compile_kernel(
             wa._weighted_average_kernel, xs, (1.0 / count,) * count, out, out, n, torch.empty(1, dtype=torch.int32),
             HAS_ACC=False, CHECK=check, BLOCK=block, num_warps=num_warps, enable_fp_fusion=False,
@@ -86,7 +86,7 @@ def main() -> int:
 
     def grouped(count, aligned, check=False, sizes_16=False):
         table = torch.empty(64, dtype=torch.int64)
-        block, num_warps = wa._launch_config(2)
+        block, num_warps = wa.launch_config(2)
         return compile_kernel(
             wa._grouped_kernel, table, (1.0 / count,) * count, table, 40, torch.empty(8, dtype=torch.int32),
             FIRST=0, IN_DTYPES=(tl.bfloat16,) * count, OUT_DTYPE=tl.bfloat16, N_TOTAL=count, HAS_ACC=False,

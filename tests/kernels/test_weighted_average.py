@@ -112,7 +112,7 @@ def make_weights(count: int, seed: int) -> list[float]:
 @pytest.fixture
 def small_blocks(monkeypatch: pytest.MonkeyPatch) -> int:
     """128-element programs, so a few hundred elements cover many full blocks and a tail."""
-    monkeypatch.setattr(wa, "_launch_config", lambda itemsize: (128, 4))
+    monkeypatch.setattr(wa, "launch_config", lambda itemsize: (128, 4))
     return 128
 
 

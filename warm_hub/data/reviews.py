@@ -143,7 +143,7 @@ def pretraining_corpus(n: int, *, seed: int = 0, mark_rate: float = 0.0) -> list
         word, which the language model learns to write after the review ends, so its features carry sentiment as
         a real pretrained model's do; the exact reward difference still has to be learned from preferences).
     """
-    from ..finetune.data import join_prompt_response
+    from ..text_rule import join_prompt_response
 
     rng = random.Random(f"corpus/{seed}")
     domains = sorted(load_lexicon()["domains"])

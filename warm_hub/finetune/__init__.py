@@ -5,8 +5,10 @@ Light to import: transformers, datasets and accelerate load only when training s
 
 from __future__ import annotations
 
+from ..errors import PreferenceDataError
+from ..text_rule import format_text
 from .config import FinetuneConfig, MemberConfig
-from .data import PreferenceDataError, corrupt_labels, format_text, load_preference_data
+from .data import corrupt_labels, load_preference_data
 from .trainer import FinetuneResult, bradley_terry_loss, finetune
 
 __all__ = [

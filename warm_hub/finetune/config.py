@@ -14,6 +14,22 @@ import yaml
 from ..constants import MEMBER_CONFIG_NAME, RUN_CONFIG_NAME
 from ..errors import InvalidOptionError
 
+# The run settings every member records as they are (one list, so a setting added to both configs is copied too).
+# The per-member ones (base, learning rate, dropout, seed) are picked along the diversity axes instead.
+MEMBER_SETTINGS = (
+    "epochs",
+    "max_steps",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "max_length",
+    "weight_decay",
+    "warmup_ratio",
+    "lr_scheduler_type",
+    "data",
+    "split",
+    "corrupt_labels",
+)
+
 
 @dataclass
 class FinetuneConfig:
@@ -117,17 +133,7 @@ class FinetuneConfig:
                     learning_rate=self.learning_rates[i % len(self.learning_rates)],
                     dropout=None if self.dropouts is None else self.dropouts[i % len(self.dropouts)],
                     seed=seed,
-                    epochs=self.epochs,
-                    max_steps=self.max_steps,
-                    batch_size=self.batch_size,
-                    gradient_accumulation_steps=self.gradient_accumulation_steps,
-                    max_length=self.max_length,
-                    weight_decay=self.weight_decay,
-                    warmup_ratio=self.warmup_ratio,
-                    lr_scheduler_type=self.lr_scheduler_type,
-                    data=self.data,
-                    split=self.split,
-                    corrupt_labels=self.corrupt_labels,
+                    **{name: getattr(self, name) for name in MEMBER_SETTINGS},
                     corrupt_seed=self.label_noise_seed() if self.corrupt_labels > 0 else None,
                     shared_head="linear-probe" if self.linear_probe else "seeded-init",
                     lora_r=self.lora_r or None,

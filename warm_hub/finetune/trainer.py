@@ -16,12 +16,13 @@ from pathlib import Path
 from huggingface_hub.utils import logging
 
 from ..constants import CLEAN_PAIRS_NAME, FLIPPED_PAIRS_NAME, RUN_CONFIG_NAME, SHARED_INIT_DIR
-from ..errors import InvalidOptionError, OutputExistsError
+from ..errors import InvalidOptionError
+from ..output_folder import prepare_output
+from ..text_rule import ensure_pad_token
 from .config import FinetuneConfig, MemberConfig
 from .data import (
     PreferenceCollator,
     corrupt_labels,
-    ensure_pad_token,
     load_preference_data,
     tokenize_preferences,
     write_label_noise_files,
@@ -211,7 +212,6 @@ def _finetune(config: FinetuneConfig, *, token=None, tqdm_class=None) -> Finetun
         PreferenceDataError: the data is not in TRL's preference format.
     """
     from accelerate import PartialState
-    from transformers import AutoTokenizer, set_seed
 
     if tqdm_class is None:
         from huggingface_hub.utils import tqdm as tqdm_class
@@ -225,14 +225,47 @@ def _finetune(config: FinetuneConfig, *, token=None, tqdm_class=None) -> Finetun
     state = PartialState()
     out = Path(config.out)
     if state.is_main_process:
-        _prepare_output(out, overwrite=config.overwrite)
+        prepare_output(out, overwrite=config.overwrite, owns=_written_by_finetune, replaces="its members")
     state.wait_for_everyone()
+
+    tokenizer = _load_tokenizer(config, token=token)
+    train = _load_training_data(config, out, tokenizer, state=state, token=token)
+    collator = PreferenceCollator(pad_token_id=tokenizer.pad_token_id)
+    shared, head_names, head = _shared_init(
+        config, out, tokenizer, train, collator, probe_args, state=state, tqdm_class=tqdm_class, token=token
+    )
+    members = config.member_configs()
+    paths = [
+        _train_member(
+            member, config, out, tokenizer, train, collator, shared=shared, head=head, head_names=head_names,
+            state=state, tqdm_class=tqdm_class, token=token,
+        )
+        for member in members
+    ]
+    if state.is_main_process:
+        config.save(out)
+        shutil.rmtree(out / TRAINER_DIR, ignore_errors=True)
+    state.wait_for_everyone()
+
+    result = FinetuneResult(out=out, members=paths, shared_init=shared, member_configs=members)
+    if config.push_to and state.is_main_process:
+        result.urls = push_members(paths, config.push_to, private=config.private, token=token)
+    return result
+
+
+def _load_tokenizer(config: FinetuneConfig, *, token):
+    """The first base's tokenizer, padded on the right, after checking every Baklava base reads the same tokens."""
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(config.bases[0], token=token)
     ensure_pad_token(tokenizer)
     tokenizer.padding_side = "right"
     _check_same_tokenizers(config.bases, tokenizer, token=token)
+    return tokenizer
 
+
+def _load_training_data(config: FinetuneConfig, out: Path, tokenizer, *, state, token):
+    """The tokenized training pairs (label noise applied and written down first when asked), main rank first."""
     with state.main_process_first():
         dataset = load_preference_data(config.data, split=config.split, token=token)
         if config.corrupt_labels > 0:
@@ -241,11 +274,20 @@ def _finetune(config: FinetuneConfig, *, token=None, tqdm_class=None) -> Finetun
                 write_label_noise_files(dataset, flipped_path=out / FLIPPED_PAIRS_NAME,
                                         clean_path=out / CLEAN_PAIRS_NAME)
         train = tokenize_preferences(dataset, tokenizer, max_length=config.max_length)
-    collator = PreferenceCollator(pad_token_id=tokenizer.pad_token_id)
     if state.is_main_process:
         logger.info("training on %d preference pairs from %s", len(train), config.data)
+    return train
 
-    # The shared init: one head, drawn with `seed`, probed once, copied into every member.
+
+def _shared_init(config: FinetuneConfig, out: Path, tokenizer, train, collator, probe_args, *, state, tqdm_class,
+                 token) -> tuple[Path, list[str], dict]:
+    """The shared init: one head, drawn with `seed`, probed once (LP-FT), saved to OUT/shared-init.
+
+    Returns:
+        (its folder, the head's parameter names, the head's tensors), copied into every member.
+    """
+    from transformers import set_seed
+
     set_seed(config.seed)
     model, head_names = load_reward_backbone(config.bases[0], tokenizer=tokenizer, token=token)
     shared = out / SHARED_INIT_DIR
@@ -261,69 +303,60 @@ def _finetune(config: FinetuneConfig, *, token=None, tqdm_class=None) -> Finetun
     del trainer, model
     gc.collect()
     state.wait_for_everyone()
-    head = _read_tensors(shared, head_names)
+    return shared, head_names, _read_tensors(shared, head_names)
 
-    paths, members = [], config.member_configs()
-    for member in members:
-        set_seed(member.seed)
-        model, new = load_reward_backbone(member.base, tokenizer=tokenizer, dropout=member.dropout, token=token)
-        if sorted(new) != head_names:
-            raise InvalidOptionError(
-                f"{member.base} gets new parameters {new} but the shared head has {head_names}; Baklava bases must be"
-                " checkpoints of one architecture"
-            )
-        missing, unexpected = model.load_state_dict(head, strict=False)
-        assert not unexpected and not set(head) & set(missing), (unexpected, missing)
-        if config.lora_r:
-            model = wrap_with_lora(model, config, head_names, base=str(shared.resolve()))
-        args = _training_arguments(
-            config, out, seed=member.seed, learning_rate=member.learning_rate, epochs=member.epochs,
-            max_steps=member.max_steps, warmup_ratio=member.warmup_ratio,
-            gradient_checkpointing=config.gradient_checkpointing,
+
+def _train_member(member: MemberConfig, config: FinetuneConfig, out: Path, tokenizer, train, collator, *,
+                  shared: Path, head: dict, head_names: list[str], state, tqdm_class, token) -> Path:
+    """Fine-tune one member from its base and the shared head; save it with its config and card.
+
+    Returns:
+        The member's folder. `member` gets its training figures (steps, loss, time).
+    """
+    from transformers import set_seed
+
+    set_seed(member.seed)
+    model, new = load_reward_backbone(member.base, tokenizer=tokenizer, dropout=member.dropout, token=token)
+    if sorted(new) != head_names:
+        raise InvalidOptionError(
+            f"{member.base} gets new parameters {new} but the shared head has {head_names}; Baklava bases must be"
+            " checkpoints of one architecture"
         )
-        trainer = _make_trainer(model, args, train, collator, tokenizer, tqdm_class, member.name)
-        started = time.perf_counter()
-        output = trainer.train()
-        member.train_seconds = round(time.perf_counter() - started, 3)
-        member.train_pairs = len(train)
-        member.steps = trainer.state.global_step
-        member.train_loss = round(float(output.training_loss), 6)
-        member.steps_per_second = round(member.steps / member.train_seconds, 3) if member.train_seconds else None
-        path = out / member.name
-        _save_checkpoint(model, path, tokenizer=tokenizer, trainer=trainer, state=state)
-        if state.is_main_process:
-            member.save(path)
-            write_member_card(path, member)
-            logger.info("%s: %d steps, loss %.4f, %.2f steps/s", member.name, member.steps, member.train_loss,
-                        member.steps_per_second or 0.0)
-        paths.append(path)
-        del trainer, model
-        gc.collect()
-        _empty_device_cache()
+    missing, unexpected = model.load_state_dict(head, strict=False)
+    assert not unexpected and not set(head) & set(missing), (unexpected, missing)
+    if config.lora_r:
+        model = wrap_with_lora(model, config, head_names, base=str(shared.resolve()))
+    args = _training_arguments(
+        config, out, seed=member.seed, learning_rate=member.learning_rate, epochs=member.epochs,
+        max_steps=member.max_steps, warmup_ratio=member.warmup_ratio,
+        gradient_checkpointing=config.gradient_checkpointing,
+    )
+    trainer = _make_trainer(model, args, train, collator, tokenizer, tqdm_class, member.name)
+    started = time.perf_counter()
+    output = trainer.train()
+    member.train_seconds = round(time.perf_counter() - started, 3)
+    member.train_pairs = len(train)
+    member.steps = trainer.state.global_step
+    member.train_loss = round(float(output.training_loss), 6)
+    member.steps_per_second = round(member.steps / member.train_seconds, 3) if member.train_seconds else None
+    path = out / member.name
+    _save_checkpoint(model, path, tokenizer=tokenizer, trainer=trainer, state=state)
     if state.is_main_process:
-        config.save(out)
-        shutil.rmtree(out / TRAINER_DIR, ignore_errors=True)
-    state.wait_for_everyone()
+        member.save(path)
+        write_member_card(path, member)
+        logger.info("%s: %d steps, loss %.4f, %.2f steps/s", member.name, member.steps, member.train_loss,
+                    member.steps_per_second or 0.0)
+    del trainer, model
+    gc.collect()
+    _empty_device_cache()
+    return path
 
-    result = FinetuneResult(out=out, members=paths, shared_init=shared, member_configs=members)
-    if config.push_to and state.is_main_process:
-        result.urls = push_members(paths, config.push_to, private=config.private, token=token)
-    return result
 
-
-def _prepare_output(out: Path, *, overwrite: bool) -> None:
-    if out.is_file():
-        raise OutputExistsError(f"{out} exists and is a file")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise OutputExistsError(f"{out} exists and is not empty (pass --overwrite to replace its members)")
-        # Only what a finetune run writes goes; anything else the user keeps there stays.
-        for entry in out.iterdir():
-            if entry.name.startswith("member-") or entry.name in (SHARED_INIT_DIR, TRAINER_DIR):
-                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-        for name in (RUN_CONFIG_NAME, FLIPPED_PAIRS_NAME, CLEAN_PAIRS_NAME):
-            (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+def _written_by_finetune(name: str) -> bool:
+    """Whether an entry of the output folder is one a finetune run writes (only those go with --overwrite)."""
+    return name.startswith("member-") or name in (
+        SHARED_INIT_DIR, TRAINER_DIR, RUN_CONFIG_NAME, FLIPPED_PAIRS_NAME, CLEAN_PAIRS_NAME
+    )
 
 
 def _check_same_tokenizers(bases: list[str], tokenizer, *, token) -> None:

@@ -15,6 +15,17 @@ ARCHITECTURES = ("llama", "gpt2", "bert")
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + [f"w{i}" for i in range(60)]
 
 
+def load_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder, from all its `*.safetensors` shards (one dict, name -> tensor)."""
+    from safetensors import safe_open
+
+    tensors = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            tensors.update({name: f.get_tensor(name) for name in f.keys()})
+    return tensors
+
+
 def tiny_config(arch: str, *, vocab_size: int = len(VOCAB)):
     """A transformers config of a 2-layer model of `arch` with one reward output (num_labels=1)."""
     from transformers import BertConfig, GPT2Config, LlamaConfig
