@@ -11,8 +11,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter, load_tensor
+from .adapters import Adapter, load_tensor
 from .checkpoint import Checkpoint
+from .constants import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from .errors import IncompatibleCheckpointsError
 from .plan import natural_key
 from .safetensors_io import TensorInfo, torch_dtype

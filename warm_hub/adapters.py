@@ -13,12 +13,11 @@ import re
 from dataclasses import dataclass, field
 
 from .checkpoint import read_header
+from .constants import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from .errors import CheckpointFormatError, PickleCheckpointError, UnsupportedAdapterError
 from .safetensors_io import TensorInfo, is_floating
 from .sources import IngredientSource, pickle_message
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_PICKLE = "adapter_model.bin"
 MAX_ADAPTER_CONFIG_BYTES = 16 * 1024 * 1024
 # PeftModel prefixes every saved name with these; what follows is the wrapped model's own module path.

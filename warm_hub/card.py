@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 from huggingface_hub.utils import logging
 
-from .constants import CARD_NAME, EVAL_RESULTS_NAME
+from .constants import CARD_NAME, EVAL_RESULTS_NAME, PARTIAL_SUFFIX
 from .eval_results import EvalResults
 from .recipe import Ingredient, WarmRecipe
 
@@ -308,7 +308,7 @@ def card_text(
 
 
 def _folder_name(folder: Path) -> str:
-    return folder.name.removesuffix(".warm-hub-partial")
+    return folder.name.removesuffix(PARTIAL_SUFFIX)
 
 
 def _as_list(value: object) -> list[str] | None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from huggingface_hub.utils import logging
 
 from .configs import load_config
-from .constants import CONFIG_NAME, SAFE_INDEX, SAFE_SINGLE
+from .constants import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CONFIG_NAME, SAFE_INDEX, SAFE_SINGLE
 from .errors import AdapterNotSupportedError, CheckpointFormatError, PickleCheckpointError
 from .safetensors_io import MAX_HEADER_BYTES, ShardHeader, TensorInfo, parse_header, parse_header_length
 from .sources import PICKLE_SUFFIXES, IngredientSource, pickle_message
@@ -22,7 +22,7 @@ logger = logging.get_logger(__name__)
 
 MAX_INDEX_BYTES = 64 * 1024 * 1024
 # PEFT's files: an adapter is a low-rank delta of a base model, not a model whose tensors can be averaged.
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, "adapter_model.bin")
 # The config.json key with which transformers (5.x, `_get_resolved_checkpoint_files`) is told which weights to load.
 EXPLICIT_WEIGHTS_KEY = "transformers_weights"
 

@@ -6,6 +6,7 @@ name. Only names live here; the variables are read where they act, at call time 
 
 # Output layout of a merge (`warm-hub merge --out DIR`), read back by `push`, `inspect`, `evaluate` and `--resume`.
 PARTIAL_SUFFIX = ".warm-hub-partial"  # DIR + this: the folder written into until the merge completes and renames it
+OLD_SUFFIX = ".warm-hub-old"  # DIR + this: with --overwrite, the replaced output, deleted once the new one is in
 LOCK_SUFFIX = ".warm-hub-lock"  # DIR + this: the lock file one writer of DIR holds (a second merge is refused)
 JOURNAL_NAME = ".warm-hub-journal"  # in the partial folder: chunks done so far, for --resume; removed at the end
 RECIPE_NAME = "warm_recipe.yaml"  # the merge recipe (ingredients, weights, shard hashes): marks a WARM output
@@ -14,6 +15,8 @@ SAFE_SINGLE = "model.safetensors"  # the weights of an unsharded checkpoint
 CONFIG_NAME = "config.json"  # the transformers model config (read from ingredients, written to the output)
 CARD_NAME = "README.md"  # the model card (written by merge and push, updated by evaluate)
 EVAL_RESULTS_NAME = "eval_results.json"  # the evaluation document `evaluate` writes and the card reads
+ADAPTER_CONFIG = "adapter_config.json"  # a PEFT adapter's config (read from LoRA ingredients, written by --as-adapter)
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # a PEFT adapter's weights (read, and written by --as-adapter)
 
 # Output layout of `warm-hub finetune --out DIR`.
 RUN_CONFIG_NAME = "warm_finetune.yaml"  # the whole run's settings (marks DIR as a fine-tuning run)
@@ -21,6 +24,13 @@ MEMBER_CONFIG_NAME = "warm_member.yaml"  # one member's exact training settings,
 SHARED_INIT_DIR = "shared-init"  # the shared initialisation (base + linear probe) every member starts from
 FLIPPED_PAIRS_NAME = "flipped.jsonl"  # with --corrupt-labels: the pairs whose labels were swapped
 CLEAN_PAIRS_NAME = "clean.jsonl"  # with --corrupt-labels: the pairs left as they were
+
+# Output layout of `warm-hub demo --out DIR` (the WARM model in DIR/warm/ is a merge output, as above).
+DEMO_CONFIG_NAME = "demo_config.json"  # the demo's settings
+PLOT_NAME = "eval.png"  # beside the WARM model's eval results: the accuracy plot its card shows
+SEEDS_DIR = "seeds"  # with several seeds: DIR/seeds/seed-<s>/ holds each further seed's run
+SEEDS_NAME = "seeds.json"  # with several seeds: the accuracies over seeds (mean and standard error)
+BEST_OF_N_NAME = "best_of_n.json"  # the best-of-N comparison of the proxies
 
 # Environment variables. Each is read when the code it steers runs, so a test or a caller may set it late.
 DEBUG_ENV = "WARM_HUB_DEBUG"  # 1: the CLI shows tracebacks instead of one line on stderr

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from huggingface_hub.utils import logging
 
+from .constants import BEST_OF_N_NAME, DEMO_CONFIG_NAME, PLOT_NAME, SEEDS_DIR, SEEDS_NAME
 from .errors import InvalidOptionError
 from .output_folder import prepare_output
 
@@ -23,11 +24,7 @@ logger = logging.get_logger(__name__)
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
 SPLIT_FILES = {"in_distribution": "test_in_distribution.jsonl", "shifted": "test_shifted.jsonl"}
 FLIPPED_SPLIT = "flipped"
-PLOT_NAME = "eval.png"
-SEEDS_DIR = "seeds"
-SEEDS_NAME = "seeds.json"
-BEST_OF_N_NAME = "best_of_n.json"
-DEMO_ENTRIES = ("data", "base", "members", "warm", "demo_config.json", "best_of_n", BEST_OF_N_NAME, SEEDS_DIR,
+DEMO_ENTRIES = ("data", "base", "members", "warm", DEMO_CONFIG_NAME, "best_of_n", BEST_OF_N_NAME, SEEDS_DIR,
                 SEEDS_NAME)
 # Share of the pretraining reviews that end with the nuisance mark, whatever their mood: the base LM (the
 # best-of-N policy) writes it that often, independently of the true reward.
@@ -242,7 +239,7 @@ def run_demo(config: DemoConfig, *, tqdm_class=None) -> DemoResult:
         started = time.perf_counter()
         out = Path(config.out)
         prepare_output(out, overwrite=config.overwrite, owns=_written_by_demo)
-        (out / "demo_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n", encoding="utf-8")
+        (out / DEMO_CONFIG_NAME).write_text(json.dumps(asdict(config), indent=2) + "\n", encoding="utf-8")
         runs = []
         for k in range(config.seeds):
             folder = out if k == 0 else out / SEEDS_DIR / f"seed-{config.seed + k}"

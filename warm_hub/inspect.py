@@ -12,10 +12,11 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .adapters import ADAPTER_WEIGHTS, Adapter, is_adapter_source, load_tensor, read_adapter
+from .adapters import Adapter, is_adapter_source, load_tensor, read_adapter
 from .checkpoint import Checkpoint, read_checkpoint, read_header
 from .compatibility import check_compatibility, parse_allowed_mismatches
 from .configs import load_config
+from .constants import ADAPTER_WEIGHTS
 from .errors import IncompatibleCheckpointsError, InvalidOptionError, SourceNotFoundError
 from .plan import find_incompatibilities, natural_key
 from .safetensors_io import is_floating, itemsize, torch_dtype

@@ -23,7 +23,7 @@ from . import __version__
 from .checkpoint import EXPLICIT_WEIGHTS_KEY, read_checkpoint
 from .compatibility import Compatibility, check_compatibility, parse_allowed_mismatches, refusal_message
 from .configs import load_config
-from .constants import CONFIG_NAME, JOURNAL_NAME, PARTIAL_SUFFIX, SAFE_INDEX
+from .constants import CONFIG_NAME, JOURNAL_NAME, OLD_SUFFIX, PARTIAL_SUFFIX, SAFE_INDEX
 from .engine import DISK_FULL_ERRNOS, MergeEngine, ShardWriter, check_open_files, chunk_elements, disk_full
 from .errors import (
     CheckpointFormatError,
@@ -528,7 +528,7 @@ def _finish_side_files(
 def _publish(partial: Path, out: Path) -> None:
     """Move the finished folder into place; an existing output (allowed by --overwrite) goes only once it has."""
     if out.exists():
-        trash = out.parent / (out.name + ".warm-hub-old")
+        trash = out.parent / (out.name + OLD_SUFFIX)
         if trash.exists():
             shutil.rmtree(trash)
         os.rename(out, trash)

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 
 from .checkpoint import Checkpoint
+from .constants import SAFE_SINGLE
 from .errors import IncompatibleCheckpointsError, InvalidOptionError
 from .safetensors_io import DTYPES, TensorInfo, build_header, is_floating, itemsize
 
@@ -249,7 +250,7 @@ def layout_shards(entries: list[PlannedTensor], shard_size: int) -> list[OutputS
         group.sort(key=lambda e: (-itemsize(e.dtype), natural_key(e.name)))
         header = build_header([(e.name, e.dtype, e.shape) for e in group], metadata=OUTPUT_METADATA)
         filename = (
-            "model.safetensors" if len(groups) == 1 else f"model-{index + 1:05d}-of-{len(groups):05d}.safetensors"
+            SAFE_SINGLE if len(groups) == 1 else f"model-{index + 1:05d}-of-{len(groups):05d}.safetensors"
         )
         shard = OutputShard(filename=filename, header=header, size=len(header))
         for e in group:

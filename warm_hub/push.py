@@ -13,7 +13,7 @@ from pathlib import Path
 from huggingface_hub.utils import logging
 
 from . import __version__
-from .constants import JOURNAL_NAME, PARTIAL_SUFFIX, RECIPE_NAME, SAFE_INDEX
+from .constants import ADAPTER_CONFIG, CONFIG_NAME, JOURNAL_NAME, PARTIAL_SUFFIX, RECIPE_NAME, SAFE_INDEX
 from .errors import IncompleteOutputError
 from .hub_errors import LOGIN_HINT, HubAccessError, has_token, hub_errors
 from .recipe import WarmRecipe, hash_file
@@ -37,7 +37,7 @@ def check_merge_output(folder: str | os.PathLike) -> WarmRecipe:
     if folder.name.endswith(PARTIAL_SUFFIX) or (folder / JOURNAL_NAME).exists():
         raise IncompleteOutputError(f"{folder} is an unfinished merge; finish it with `warm-hub merge ... --resume`")
     recipe = WarmRecipe.load(folder)
-    config_name = "adapter_config.json" if recipe.output == "adapter" else "config.json"  # --as-adapter outputs
+    config_name = ADAPTER_CONFIG if recipe.output == "adapter" else CONFIG_NAME  # --as-adapter outputs
     if not (folder / config_name).is_file():
         raise IncompleteOutputError(f"{folder}: {config_name} is missing; not a complete merge output")
     if not recipe.shards:

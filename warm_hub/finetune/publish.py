@@ -9,7 +9,7 @@ from pathlib import Path
 
 from huggingface_hub.utils import logging
 
-from ..constants import MEMBER_CONFIG_NAME
+from ..constants import CARD_NAME, MEMBER_CONFIG_NAME
 from .config import MemberConfig
 
 logger = logging.get_logger(__name__)
@@ -35,7 +35,7 @@ def write_member_card(path: Path, member: MemberConfig) -> None:
         f"- steps: {member.steps}\n- label noise: {member.corrupt_labels:g}\n\n"
         f"The exact training settings are in `{MEMBER_CONFIG_NAME}`.\n"
     )
-    ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}").save(path / "README.md")
+    ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}").save(path / CARD_NAME)
 
 
 def push_members(paths: list[Path], prefix: str, *, private: bool = False, token=None) -> list[str]:
