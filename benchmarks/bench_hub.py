@@ -121,9 +121,7 @@ def run_child(mode: str, repos: list[str], work: Path, env_extra: dict[str, str]
     if done.returncode:
         raise RuntimeError(f"{mode} failed:\n{done.stderr[-3000:]}")
     figures = json.loads(done.stdout.strip().splitlines()[-1])
-    figures.update(
-        server_cpu=cpu_seconds(resource.RUSAGE_SELF) - server_before, load=max(load_before, load_average())
-    )
+    figures.update(server_cpu=cpu_seconds(resource.RUSAGE_SELF) - server_before, load=max(load_before, load_average()))
     return figures
 
 

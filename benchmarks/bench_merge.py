@@ -243,9 +243,20 @@ def main() -> None:
                 **(
                     {
                         "baseline": (
-                            [py, "-c", f"import sys; sys.path.insert(0, {str(args.baseline)!r})\n{MERGE}",
-                             "merge", *map(str, members), "--out", str(work / "baseline-out"), "--overwrite",
-                             "--device", args.device, "--max-memory", args.max_memory],
+                            [
+                                py,
+                                "-c",
+                                f"import sys; sys.path.insert(0, {str(args.baseline)!r})\n{MERGE}",
+                                "merge",
+                                *map(str, members),
+                                "--out",
+                                str(work / "baseline-out"),
+                                "--overwrite",
+                                "--device",
+                                args.device,
+                                "--max-memory",
+                                args.max_memory,
+                            ],
                             work / "baseline-out",
                         )  # fmt: skip
                     }

@@ -65,9 +65,17 @@ def test_records_pick_and_exact_win_rate():
 
 
 def test_best_of_n_end_to_end(models, monkeypatch):
-    result = best_of_n([*models["proxies"], models["gold"]], policy=models["policy"], prompts=models["prompts"],
-                       gold=models["gold"], n=8, ensemble=True, sampling=SAMPLING, cache_dir=models["cache"],
-                       device="cpu")
+    result = best_of_n(
+        [*models["proxies"], models["gold"]],
+        policy=models["policy"],
+        prompts=models["prompts"],
+        gold=models["gold"],
+        n=8,
+        ensemble=True,
+        sampling=SAMPLING,
+        cache_dir=models["cache"],
+        device="cpu",
+    )
     assert result.proxies == ["rm-0", "rm-1", "gold", "ensemble"]
     assert len(result.candidates) == 5 and all(len(row) == 8 for row in result.candidates)
     assert {r["n"] for r in result.records} == {1, 2, 4, 8}
@@ -87,9 +95,16 @@ def test_best_of_n_end_to_end(models, monkeypatch):
         raise AssertionError("sampled again despite the cache")
 
     monkeypatch.setattr("warm_hub.best_of_n._generate", no_generation)
-    again = best_of_n([models["proxies"][1]], policy=models["policy"], prompts=models["prompts"],
-                      gold=lambda prompts, responses: [float(len(r.split())) for r in responses], n=8,
-                      sampling=SAMPLING, cache_dir=models["cache"], device="cpu")
+    again = best_of_n(
+        [models["proxies"][1]],
+        policy=models["policy"],
+        prompts=models["prompts"],
+        gold=lambda prompts, responses: [float(len(r.split())) for r in responses],
+        n=8,
+        sampling=SAMPLING,
+        cache_dir=models["cache"],
+        device="cpu",
+    )
     assert again.candidates == result.candidates
     np.testing.assert_allclose(again.rewards["rm-1"], result.rewards["rm-1"])
     np.testing.assert_allclose(again.gold, [[len(r.split()) for r in row] for row in result.candidates])
@@ -100,25 +115,40 @@ def test_sampling_is_seeded_and_batched(models):
     full = sample_candidates(models["policy"], prompts, sampling=SAMPLING, cache_dir=False, device="cpu")
     assert all(len(set(row)) > 1 for row in full)  # N samples, not N copies
     assert sample_candidates(models["policy"], prompts, sampling=SAMPLING, cache_dir=False, device="cpu") == full
-    other_seed = sample_candidates(models["policy"], prompts[:1], sampling=replace(SAMPLING, seed=4),
-                                   cache_dir=False, device="cpu")
+    other_seed = sample_candidates(
+        models["policy"], prompts[:1], sampling=replace(SAMPLING, seed=4), cache_dir=False, device="cpu"
+    )
     assert other_seed[0] != full[0]
     # Near-greedy sampling: a prompt left-padded next to a longer one continues exactly as it does alone (the
     # padding is masked and positions start at its first token).
     short, long = "the soup .", "review the hotel by the lake and tell us all about the pool ."
     greedy = SamplingConfig(n=2, temperature=1e-6, max_new_tokens=5)
-    alone = sample_candidates(models["policy"], [short], sampling=replace(greedy, generation_batch_size=2),
-                              cache_dir=False, device="cpu")
-    together = sample_candidates(models["policy"], [long, short], sampling=replace(greedy, generation_batch_size=4),
-                                 cache_dir=False, device="cpu")
+    alone = sample_candidates(
+        models["policy"], [short], sampling=replace(greedy, generation_batch_size=2), cache_dir=False, device="cpu"
+    )
+    together = sample_candidates(
+        models["policy"],
+        [long, short],
+        sampling=replace(greedy, generation_batch_size=4),
+        cache_dir=False,
+        device="cpu",
+    )
     assert together[1] == alone[0] and together[0] != together[1]
 
 
 def test_conversational_prompts(models, tmp_path):
     rows = [{"prompt": [{"role": "user", "content": r["prompt"]}]} for r in review_pairs(2, seed=4)]
     path = write_pairs(rows, tmp_path / "chat.jsonl")
-    result = best_of_n(models["proxies"], policy=models["policy"], prompts=path, gold=models["gold"], n=2,
-                       sampling=SamplingConfig(max_new_tokens=4), cache_dir=False, device="cpu")
+    result = best_of_n(
+        models["proxies"],
+        policy=models["policy"],
+        prompts=path,
+        gold=models["gold"],
+        n=2,
+        sampling=SamplingConfig(max_new_tokens=4),
+        cache_dir=False,
+        device="cpu",
+    )
     assert len(result.records) == 2 * 2 and result.prompts[0][0]["role"] == "user"
 
 
@@ -128,18 +158,44 @@ def test_bad_prompts_and_options(models, tmp_path):
         load_prompts(write_pairs([{"text": "x"}], tmp_path / "no_prompt.jsonl"))
     assert len(load_prompts(pairs)) == 3  # preference data serves as prompts too
     with pytest.raises(InvalidOptionError, match="two or more member"):
-        best_of_n(models["proxies"][:1], policy=models["policy"], prompts=pairs, gold=models["gold"], n=2,
-                  ensemble=True, cache_dir=False)
+        best_of_n(
+            models["proxies"][:1],
+            policy=models["policy"],
+            prompts=pairs,
+            gold=models["gold"],
+            n=2,
+            ensemble=True,
+            cache_dir=False,
+        )
     with pytest.raises(InvalidOptionError, match="temperature"):
         SamplingConfig(temperature=0)
 
 
 def test_cli(models, tmp_path, run_cli):
     out_json, out_png = tmp_path / "bon.json", tmp_path / "bon.png"
-    code, out, err = run_cli("best-of-n", *models["proxies"], "--policy", models["policy"], "--prompts",
-                             models["prompts"], "--gold", models["gold"], "--n", "6", "--ensemble",
-                             "--max-new-tokens", "4", "--cache", tmp_path / "cache", "--json", out_json,
-                             "--plot", out_png, "--device", "cpu")
+    code, out, err = run_cli(
+        "best-of-n",
+        *models["proxies"],
+        "--policy",
+        models["policy"],
+        "--prompts",
+        models["prompts"],
+        "--gold",
+        models["gold"],
+        "--n",
+        "6",
+        "--ensemble",
+        "--max-new-tokens",
+        "4",
+        "--cache",
+        tmp_path / "cache",
+        "--json",
+        out_json,
+        "--plot",
+        out_png,
+        "--device",
+        "cpu",
+    )
     assert code == 0, err
     assert "win rate vs random" in out and "ensemble" in out
     document = json.loads(out_json.read_text())
@@ -148,8 +204,19 @@ def test_cli(models, tmp_path, run_cli):
     assert out_png.stat().st_size > 1000
 
     bad = write_pairs([{"question": "x"}], tmp_path / "bad.jsonl")
-    code, out, err = run_cli("best-of-n", models["proxies"][0], "--policy", models["policy"], "--prompts", bad,
-                             "--gold", models["gold"], "--n", "2", "--no-cache")
+    code, out, err = run_cli(
+        "best-of-n",
+        models["proxies"][0],
+        "--policy",
+        models["policy"],
+        "--prompts",
+        bad,
+        "--gold",
+        models["gold"],
+        "--n",
+        "2",
+        "--no-cache",
+    )
     assert code == 1
     assert err.strip().count("\n") == 0 and "no 'prompt' column" in err and "Internal error" not in err
 
@@ -160,8 +227,15 @@ def test_demo_step(models, tmp_path):
     from warm_hub.demo_best_of_n import comparison_table, review_gold, run_demo_best_of_n, summary_table
 
     warm = merge([str(p) for p in models["proxies"]], tmp_path / "warm", device="cpu").out
-    result = run_demo_best_of_n(policy=models["policy"], members=models["proxies"], warm=warm, n=4, prompts=4,
-                                max_new_tokens=6, cache_dir=tmp_path / "cache")
+    result = run_demo_best_of_n(
+        policy=models["policy"],
+        members=models["proxies"],
+        warm=warm,
+        n=4,
+        prompts=4,
+        max_new_tokens=6,
+        cache_dir=tmp_path / "cache",
+    )
     assert result.proxies == ["rm-0", "rm-1", "warm", "ensemble"]  # the WARM merge is not an ensemble member
     np.testing.assert_allclose(result.rewards["ensemble"], (result.rewards["rm-0"] + result.rewards["rm-1"]) / 2)
     flat = [c for row in result.candidates for c in row]

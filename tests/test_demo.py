@@ -21,9 +21,26 @@ from warm_hub.evaluate import load_results
 from warm_hub.stats import wilson_interval
 
 TINY = [
-    "--members", "2", "--train-pairs", "48", "--test-pairs", "12", "--corpus-lines", "64",
-    "--pretrain-steps", "4", "--epochs", "1", "--hidden-size", "16", "--layers", "1",
-    "--best-of-n", "4", "--best-of-n-prompts", "2",
+    "--members",
+    "2",
+    "--train-pairs",
+    "48",
+    "--test-pairs",
+    "12",
+    "--corpus-lines",
+    "64",
+    "--pretrain-steps",
+    "4",
+    "--epochs",
+    "1",
+    "--hidden-size",
+    "16",
+    "--layers",
+    "1",
+    "--best-of-n",
+    "4",
+    "--best-of-n-prompts",
+    "2",
 ]
 
 
@@ -31,8 +48,8 @@ def test_synthetic_pairs_have_known_ground_truth():
     pairs = preference_pairs(50, seed=1)
     assert pairs == preference_pairs(50, seed=1)
     for row in pairs:
-        assert true_reward(row["chosen"]) == row["chosen_reward"] > row["rejected_reward"] == true_reward(
-            row["rejected"]
+        assert (
+            true_reward(row["chosen"]) == row["chosen_reward"] > row["rejected_reward"] == true_reward(row["rejected"])
         )
     shifted = preference_pairs(50, domain=SHIFTED, seed=1)
     in_words = {w for r in pairs for w in r["chosen"].split()}
@@ -42,7 +59,11 @@ def test_synthetic_pairs_have_known_ground_truth():
     assert sum(len(r["chosen"].split()) for r in shifted) > 1.5 * sum(len(r["chosen"].split()) for r in pairs)
     assert preference_pairs(5, domain=IN_DISTRIBUTION, seed=2) != preference_pairs(5, seed=1)
     assert {row["rating"] for row in pretraining_corpus(200)} == {
-        "one_star", "two_stars", "three_stars", "four_stars", "five_stars",
+        "one_star",
+        "two_stars",
+        "three_stars",
+        "four_stars",
+        "five_stars",
     }
 
 
@@ -95,7 +116,9 @@ def test_demo_runs_end_to_end(run_cli, tmp_path):
     assert document["splits"]["flipped"]["warm"]["accuracy"] == pytest.approx(memorized / 12)
     assert document["splits"]["flipped"]["warm"]["ci"] == pytest.approx(list(wilson_interval(memorized, 12)), abs=1e-6)
     assert {(c["a"], c["b"] if c["b"] == "ensemble" else "best") for c in document["comparisons"]} == {
-        ("warm", "ensemble"), ("warm", "best")}
+        ("warm", "ensemble"),
+        ("warm", "best"),
+    }
     assert "memorized" in stdout and "paired bootstrap" in stdout
     # The card shows the evaluation, this model in bold, and embeds the plot.
     card = (warm / "README.md").read_text()
@@ -122,9 +145,21 @@ def test_demo_baklava_uses_pretraining_checkpoints(tmp_path):
     (out / "warm" / "stale.txt").write_text("from an older demo")
     (out / "notes.txt").write_text("mine")
     result = run_demo(
-        DemoConfig(out=str(out), overwrite=True, members=3, train_pairs=32, test_pairs=8, corpus_lines=32,
-                   pretrain_steps=4, epochs=1, hidden_size=16, layers=1, baklava=True, plot=False,
-                   interpolation_points=2)
+        DemoConfig(
+            out=str(out),
+            overwrite=True,
+            members=3,
+            train_pairs=32,
+            test_pairs=8,
+            corpus_lines=32,
+            pretrain_steps=4,
+            epochs=1,
+            hidden_size=16,
+            layers=1,
+            baklava=True,
+            plot=False,
+            interpolation_points=2,
+        )
     )
     bases = [yaml.safe_load((m / "warm_member.yaml").read_text())["base"] for m in result.members]
     assert [b.rsplit("/", 2)[-2:] for b in bases[:2]] == [["checkpoints", "step-2"], ["checkpoints", "step-3"]]
@@ -142,8 +177,10 @@ def test_demo_over_seeds_reports_mean_and_standard_error(run_cli, tmp_path):
     code, stdout, err = run_cli("demo", "--out", out, *TINY, "--seeds", "2", "--seed", "3", "--no-plot")
     assert code == 0, err
     assert (out / "seeds" / "seed-4" / "warm" / "eval_results.json").is_file()
-    runs = [load_results(out / "warm" / "eval_results.json"), load_results(out / "seeds" / "seed-4" / "warm" /
-                                                                           "eval_results.json")]
+    runs = [
+        load_results(out / "warm" / "eval_results.json"),
+        load_results(out / "seeds" / "seed-4" / "warm" / "eval_results.json"),
+    ]
     # Different seeds, different data and models.
     assert runs[0]["splits"] != runs[1]["splits"]
     summary = runs[0]["seeds"]
@@ -165,7 +202,8 @@ def test_demo_over_seeds_reports_mean_and_standard_error(run_cli, tmp_path):
         assert len(gold) == 2 and row["gold_mean"] == pytest.approx(sum(gold) / 2, abs=1e-6)
         assert row["gold_se"] == pytest.approx(standard_error(gold), abs=1e-6)
     assert {(r["proxy"], r["n"]) for r in summary["best_of_n"]} == {
-        (p, n) for p in ("member-0", "member-1", "ensemble", "warm") for n in (1, 2, 4)}
+        (p, n) for p in ("member-0", "member-1", "ensemble", "warm") for n in (1, 2, 4)
+    }
     # The card's evaluation section carries the over-seeds table.
     card = (out / "warm" / "README.md").read_text()
     mean, se = summary["splits"]["shifted"]["warm"]["mean"], summary["splits"]["shifted"]["warm"]["se"]

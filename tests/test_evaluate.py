@@ -74,7 +74,9 @@ def test_accuracy_on_a_constructed_case(members, rows):
     (model,) = document["models"]
     low, high = wilson_interval(7, 24)
     assert document["splits"]["built"]["member-0"] == {
-        "accuracy": pytest.approx(7 / 24), "n": 24, "ci": [pytest.approx(low, abs=1e-6), pytest.approx(high, abs=1e-6)]
+        "accuracy": pytest.approx(7 / 24),
+        "n": 24,
+        "ci": [pytest.approx(low, abs=1e-6), pytest.approx(high, abs=1e-6)],
     }
     assert model["kind"] == "member" and model["name"] == "member-0"
     # One model: nothing to compare it with.
@@ -86,8 +88,14 @@ def test_ensemble_warm_interpolation_and_greedy(tmp_path, members, rows):
     held_out = load_split(rows[:12], name="held_out")
     test = load_split(rows[12:], name="test")
     document = evaluate_models(
-        [*members, warm], [held_out, test], ensemble=True, weight_average=True, interpolate=(0, 1), lambdas=3,
-        greedy_on="held_out", device="cpu",
+        [*members, warm],
+        [held_out, test],
+        ensemble=True,
+        weight_average=True,
+        interpolate=(0, 1),
+        lambdas=3,
+        greedy_on="held_out",
+        device="cpu",
     )
     by_name = {m["name"]: m for m in document["models"]}
 
@@ -95,7 +103,13 @@ def test_ensemble_warm_interpolation_and_greedy(tmp_path, members, rows):
         return document["splits"][split][model]["accuracy"]
 
     assert [m["kind"] for m in document["models"]] == [
-        "member", "member", "member", "warm", "ensemble", "warm", "greedy-soup",
+        "member",
+        "member",
+        "member",
+        "warm",
+        "ensemble",
+        "warm",
+        "greedy-soup",
     ]
     # The prediction ensemble: mean rewards, recomputed by hand.
     per_member = [reference_rewards(m, rows[12:]) for m in members]
@@ -118,14 +132,19 @@ def test_ensemble_warm_interpolation_and_greedy(tmp_path, members, rows):
     assert document["model"] == "warm"
     assert set(greedy["selected"]) <= set(held)
     rows_printed = results_table(document)
-    assert rows_printed[0] == ["model", "role", "held_out: pairwise accuracy [95% CI] (n=12)",
-                               "test: pairwise accuracy [95% CI] (n=12)"]
+    assert rows_printed[0] == [
+        "model",
+        "role",
+        "held_out: pairwise accuracy [95% CI] (n=12)",
+        "test: pairwise accuracy [95% CI] (n=12)",
+    ]
     assert len(rows_printed) == 8 and rows_printed[4][2].startswith(f"{acc('warm', 'held_out'):.3f} [")
     # WARM (merged and in memory) against the ensemble and the best member on the first split, on every split.
     best = max(held, key=lambda m: (held[m], -list(held).index(m)))
     pairs = {(c["a"], c["b"], c["split"]) for c in document["comparisons"]}
-    assert pairs == {(a, b, s) for a in ("warm", "warm (in memory)") for b in ("ensemble", best)
-                     for s in ("held_out", "test")}
+    assert pairs == {
+        (a, b, s) for a in ("warm", "warm (in memory)") for b in ("ensemble", best) for s in ("held_out", "test")
+    }
     for c in document["comparisons"]:
         assert c["difference"] == pytest.approx(acc(c["a"], c["split"]) - acc(c["b"], c["split"]), abs=1e-6)
         assert c["ci"][0] <= c["difference"] <= c["ci"][1] and c["n"] == 12
@@ -157,8 +176,9 @@ def test_results_render_on_the_model_card(tmp_path, members, rows):
     from warm_hub.plots import plot_results
 
     warm = warm_hub.merge([str(m) for m in members[:2]], tmp_path / "warm", device="cpu").out
-    document = evaluate_models([*members[:2], warm], [load_split(rows, name="test")], device="cpu",
-                               dataset_name="synthetic reviews")
+    document = evaluate_models(
+        [*members[:2], warm], [load_split(rows, name="test")], device="cpu", dataset_name="synthetic reviews"
+    )
     plot_results(document, tmp_path / "eval.png")
     document["plot"] = "eval.png"
     write_card(warm, eval_results=save_results(document, tmp_path / "eval_results.json"))
@@ -196,7 +216,10 @@ def test_roles_are_shown_and_can_be_set(tmp_path, members, rows):
     roles = {"other-merge": "warm", str(members[0]): "reference"}
     document = evaluate_models([*members[:2], other], [split], roles=roles, device="cpu")
     assert [(m["name"], m["kind"]) for m in document["models"]] == [
-        ("member-0", "reference"), ("member-1", "member"), ("other-merge", "warm")]
+        ("member-0", "reference"),
+        ("member-1", "member"),
+        ("other-merge", "warm"),
+    ]
     assert [r[1] for r in results_table(document)[1:]] == ["reference", "member", "warm"]
     assert document["model"] == "other-merge"
     with pytest.raises(InvalidOptionError, match="unknown role"):
@@ -221,9 +244,23 @@ def test_cli_evaluate_writes_json_and_plot(run_cli, tmp_path, members, rows):
     test = write_pairs(rows[:10], tmp_path / "test.jsonl")
     shifted = write_pairs(review_pairs(6, seed=2, domain="hotel"), tmp_path / "hotel.jsonl")
     code, out, err = run_cli(
-        "evaluate", *members[:2], "--data", test, "--data", f"shifted={shifted}", "--ensemble",
-        "--interpolate", "0,1", "--lambdas", "3", "--json", tmp_path / "eval.json", "--plot", tmp_path / "eval.png",
-        "--device", "cpu",
+        "evaluate",
+        *members[:2],
+        "--data",
+        test,
+        "--data",
+        f"shifted={shifted}",
+        "--ensemble",
+        "--interpolate",
+        "0,1",
+        "--lambdas",
+        "3",
+        "--json",
+        tmp_path / "eval.json",
+        "--plot",
+        tmp_path / "eval.png",
+        "--device",
+        "cpu",
     )
     assert code == 0, err
     assert "ensemble" in out and "member-1" in out and "interpolation" in out and "pairwise accuracy" in out

@@ -54,8 +54,16 @@ def train_file(tmp_path_factory):
 
 def small_config(base, data, out, **overrides) -> FinetuneConfig:
     options = dict(
-        bases=[str(base)], data=str(data), out=str(out), members=3, learning_rates=[1e-3, 3e-3],
-        dropouts=[0.0, 0.2], max_steps=3, batch_size=8, probe_max_steps=2, probe_learning_rate=1e-2,
+        bases=[str(base)],
+        data=str(data),
+        out=str(out),
+        members=3,
+        learning_rates=[1e-3, 3e-3],
+        dropouts=[0.0, 0.2],
+        max_steps=3,
+        batch_size=8,
+        probe_max_steps=2,
+        probe_learning_rate=1e-2,
         logging_steps=1,
     )
     options.update(overrides)
@@ -177,8 +185,9 @@ def test_finetune_writes_loadable_diverse_members_from_one_shared_head(tmp_path,
 
 
 def test_corrupt_labels_writes_the_flipped_pairs_as_trained_on(tmp_path, base, train_file):
-    result = finetune(small_config(base, train_file, tmp_path / "run", members=1, corrupt_labels=0.25,
-                                   corrupt_seed=7, max_steps=1))
+    result = finetune(
+        small_config(base, train_file, tmp_path / "run", members=1, corrupt_labels=0.25, corrupt_seed=7, max_steps=1)
+    )
     flipped, clean = read_jsonl(tmp_path / "run" / "flipped.jsonl"), read_jsonl(tmp_path / "run" / "clean.jsonl")
     original = read_jsonl(train_file)
     assert len(flipped) == round(0.25 * len(original)) and len(flipped) + len(clean) == len(original)
@@ -201,8 +210,9 @@ def test_members_start_from_the_probed_shared_head(tmp_path, base, train_file):
     from transformers import AutoModelForSequenceClassification, set_seed
 
     # A vanishing learning rate keeps each member at its start: what they share is the probed head.
-    result = finetune(small_config(base, train_file, tmp_path / "run", members=2, learning_rates=[1e-12],
-                                   dropouts=None))
+    result = finetune(
+        small_config(base, train_file, tmp_path / "run", members=2, learning_rates=[1e-12], dropouts=None)
+    )
     shared = load_tensors(result.shared_init)["score.weight"]
     set_seed(0)
     random_head = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1).score.weight.detach()
@@ -210,8 +220,12 @@ def test_members_start_from_the_probed_shared_head(tmp_path, base, train_file):
     for path in result.members:
         torch.testing.assert_close(load_tensors(path)["score.weight"], shared, atol=1e-6, rtol=0)
         # ...and the backbone is the base's: only the head was probed.
-        torch.testing.assert_close(load_tensors(path)["transformer.h.0.mlp.c_fc.weight"],
-                                   load_tensors(base)["transformer.h.0.mlp.c_fc.weight"], atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            load_tensors(path)["transformer.h.0.mlp.c_fc.weight"],
+            load_tensors(base)["transformer.h.0.mlp.c_fc.weight"],
+            atol=1e-6,
+            rtol=0,
+        )
 
 
 def test_finetune_is_deterministic(tmp_path, base, train_file):
@@ -223,12 +237,25 @@ def test_finetune_is_deterministic(tmp_path, base, train_file):
 
 def test_baklava_assigns_one_base_per_member(tmp_path, tokenizer, train_file):
     bases = [tiny_base(tmp_path / f"ckpt-{i}", seed=i, tokenizer=tokenizer) for i in range(2)]
-    result = finetune(small_config(bases[0], train_file, tmp_path / "run", members=2, dropouts=None,
-                                   learning_rates=[1e-12], bases=[str(b) for b in bases]))
+    result = finetune(
+        small_config(
+            bases[0],
+            train_file,
+            tmp_path / "run",
+            members=2,
+            dropouts=None,
+            learning_rates=[1e-12],
+            bases=[str(b) for b in bases],
+        )
+    )
     for i, path in enumerate(result.members):
         assert yaml.safe_load((path / "warm_member.yaml").read_text())["base"] == str(bases[i])
-        torch.testing.assert_close(load_tensors(path)["transformer.h.0.mlp.c_fc.weight"],
-                                   load_tensors(bases[i])["transformer.h.0.mlp.c_fc.weight"], atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            load_tensors(path)["transformer.h.0.mlp.c_fc.weight"],
+            load_tensors(bases[i])["transformer.h.0.mlp.c_fc.weight"],
+            atol=1e-6,
+            rtol=0,
+        )
     # Both members start from the same head, probed on the first base.
     heads = [load_tensors(p)["score.weight"] for p in result.members]
     torch.testing.assert_close(heads[0], heads[1], atol=1e-6, rtol=0)
@@ -238,8 +265,7 @@ def test_llama_base_without_dropout_grid(tmp_path, tokenizer, train_file):
     from transformers import AutoModelForSequenceClassification
 
     base = tiny_base(tmp_path / "llama", arch="llama", tokenizer=tokenizer)
-    result = finetune(small_config(base, train_file, tmp_path / "run", members=2, dropouts=[0.1],
-                                   linear_probe=False))
+    result = finetune(small_config(base, train_file, tmp_path / "run", members=2, dropouts=[0.1], linear_probe=False))
     model, info = AutoModelForSequenceClassification.from_pretrained(result.members[1], output_loading_info=True)
     assert not info["missing_keys"] and model.config.attention_dropout == 0.1
 
@@ -273,9 +299,27 @@ def test_overwrite_keeps_foreign_files(tmp_path, base, train_file):
 
 def test_cli_finetune(run_cli, tmp_path, base, train_file):
     code, out, err = run_cli(
-        "finetune", "--base", base, "--data", train_file, "--members", "2", "--out", tmp_path / "run",
-        "--learning-rate", "1e-3,2e-3", "--dropout", "0.1", "--max-steps", "2", "--probe-steps", "1",
-        "--batch-size", "8", "--corrupt-labels", "0.25",
+        "finetune",
+        "--base",
+        base,
+        "--data",
+        train_file,
+        "--members",
+        "2",
+        "--out",
+        tmp_path / "run",
+        "--learning-rate",
+        "1e-3,2e-3",
+        "--dropout",
+        "0.1",
+        "--max-steps",
+        "2",
+        "--probe-steps",
+        "1",
+        "--batch-size",
+        "8",
+        "--corrupt-labels",
+        "0.25",
     )
     assert code == 0, err
     assert "member-0" in out and "member-1" in out and "0.002" in out
@@ -283,8 +327,9 @@ def test_cli_finetune(run_cli, tmp_path, base, train_file):
     code, out, err = run_cli("finetune", "--base", base, "--data", tmp_path / "nope.jsonl", "--out", tmp_path / "z")
     assert code == 1
     assert err.startswith("Error:") and len(err.strip().splitlines()) == 1
-    code, _, err = run_cli("finetune", "--base", base, "--data", train_file, "--out", tmp_path / "w",
-                           "--learning-rate", "fast")
+    code, _, err = run_cli(
+        "finetune", "--base", base, "--data", train_file, "--out", tmp_path / "w", "--learning-rate", "fast"
+    )
     assert code != 0 and "fast" in err
 
 
@@ -318,15 +363,36 @@ def test_distributed_run_writes_members_once(tmp_path, base, train_file):
         pytest.skip("torchrun is not installed")
     warm_hub_cli = shutil.which("warm-hub")
     command = [
-        torchrun, "--nproc_per_node", "2", "--master_port", "29613", warm_hub_cli, "finetune", "--base", str(base),
-        "--data", str(train_file), "--members", "2", "--out", str(tmp_path / "run"), "--max-steps", "2",
-        "--probe-steps", "1", "--batch-size", "4",
+        torchrun,
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29613",
+        warm_hub_cli,
+        "finetune",
+        "--base",
+        str(base),
+        "--data",
+        str(train_file),
+        "--members",
+        "2",
+        "--out",
+        str(tmp_path / "run"),
+        "--max-steps",
+        "2",
+        "--probe-steps",
+        "1",
+        "--batch-size",
+        "4",
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("next: warm-hub merge") == 1
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
-        "member-0", "member-1", "shared-init", "warm_finetune.yaml",
+        "member-0",
+        "member-1",
+        "shared-init",
+        "warm_finetune.yaml",
     ]
     assert yaml.safe_load((tmp_path / "run" / "member-1" / "warm_member.yaml").read_text())["steps"] == 2
 

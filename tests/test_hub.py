@@ -367,8 +367,10 @@ def test_a_server_that_ignores_range_gets_a_hint_that_works(hub, local_merge, tm
     assert merge(["org/a", "org/b", "org/c"], tmp_path / "cached").shards == local_merge
 
 
-@pytest.mark.parametrize(("value", "seconds"), [("-1", None), ("nan", None), ("inf", None), ("1e999", None),
-                                                ("soon", None), ("2.5", 2.5), ("600", 60.0)])
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [("-1", None), ("nan", None), ("inf", None), ("1e999", None), ("soon", None), ("2.5", 2.5), ("600", 60.0)],
+)
 def test_retry_after_is_used_only_when_it_is_a_sane_delay(value, seconds):
     assert range_reader._retry_after(value) == seconds
 

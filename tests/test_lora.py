@@ -300,8 +300,25 @@ def test_finetune_lora_members_merge_into_a_loadable_reward_model(tmp_path, run_
     base = tiny_base(tmp_path / "gpt2", tokenizer=tokenizer)
     data = write_pairs(review_pairs(16, seed=1), tmp_path / "train.jsonl")
     code, out, err = run_cli(
-        "finetune", "--base", base, "--data", data, "--members", "2", "--out", tmp_path / "run", "--lora", "2",
-        "--learning-rate", "1e-2", "--max-steps", "2", "--probe-steps", "1", "--batch-size", "8",
+        "finetune",
+        "--base",
+        base,
+        "--data",
+        data,
+        "--members",
+        "2",
+        "--out",
+        tmp_path / "run",
+        "--lora",
+        "2",
+        "--learning-rate",
+        "1e-2",
+        "--max-steps",
+        "2",
+        "--probe-steps",
+        "1",
+        "--batch-size",
+        "8",
     )
     assert code == 0, err
     members = sorted((tmp_path / "run").glob("member-*"))

@@ -16,8 +16,11 @@ def document(models: int = 7) -> dict:
     return {
         "splits": splits,
         "models": [{"name": n, "kind": k} for n, k in zip(names, kinds, strict=True)],
-        "interpolation": {"between": names[:2], "lambdas": [0.0, 0.5, 1.0],
-                          "accuracy": {"test": [0.9, 0.97, 0.91], "ood": [0.88, 0.95, 0.9]}},
+        "interpolation": {
+            "between": names[:2],
+            "lambdas": [0.0, 0.5, 1.0],
+            "accuracy": {"test": [0.9, 0.97, 0.91], "ood": [0.88, 0.95, 0.9]},
+        },
     }
 
 

@@ -44,8 +44,9 @@ def test_one_prompt_for_many_responses_and_best_of_n(rm):
     prompt = "review the cafe ."
     candidates = ["the food was great .", "the food was bland and the staff was rude .", "the coffee was okay ."]
     scores = rm.score(prompt, candidates)
-    assert scores == pytest.approx([reference_reward(rm, join_prompt_response(prompt, c)) for c in candidates],
-                                   abs=1e-5)
+    assert scores == pytest.approx(
+        [reference_reward(rm, join_prompt_response(prompt, c)) for c in candidates], abs=1e-5
+    )
     best, reranked = rm.best_of_n(prompt, candidates)
     assert reranked == pytest.approx(scores)
     assert best == candidates[max(range(3), key=scores.__getitem__)]

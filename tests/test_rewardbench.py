@@ -52,8 +52,9 @@ def test_formats_are_told_apart_by_columns():
     assert isinstance(load_split([pair]), PairSplit)
     assert isinstance(load_split([{**pair, "subset": "x"}]), BenchmarkSplit)
     with pytest.raises(InvalidOptionError, match="3 chosen and 3 rejected"):
-        benchmark_split([{"prompt": "p", "chosen": ["a"] * 2, "rejected": ["b"] * 3, "domain": "chat"}],
-                        name="x", source="rm.json")
+        benchmark_split(
+            [{"prompt": "p", "chosen": ["a"] * 2, "rejected": ["b"] * 3, "domain": "chat"}], name="x", source="rm.json"
+        )
 
 
 def test_rewardbench_v1_sections_weigh_subsets_as_rewardbench_does():
@@ -111,8 +112,11 @@ def port_ties_score(rows: list[dict], scores: list[list[float]]) -> float:
     for (sample_type, pid), samples in grouped.items():
         correct = [s for c, s in samples if c]
         incorrect = [s for c, s in samples if not c]
-        stats = (min(correct) - max(incorrect) > 0, max(correct) - min(correct) if len(correct) > 1 else None,
-                 min(correct) - max(incorrect))
+        stats = (
+            min(correct) - max(incorrect) > 0,
+            max(correct) - min(correct) if len(correct) > 1 else None,
+            min(correct) - max(incorrect),
+        )
         (ref_stats if sample_type == "ref" else tied_stats)[pid] = stats
     ref_accuracy = np.mean([s[0] for s in ref_stats.values()])
     tied_accuracy = np.mean([s[0] for s in tied_stats.values()])
@@ -138,8 +142,14 @@ def test_rewardbench_2_best_of_4_and_ties():
         for kind, correct in (("ref", 1), ("tied", 3)):
             if kind == "ref" and pid == 5:
                 continue  # a tied prompt without its reference: counted in the tied accuracy only
-            row = {"id": f"{kind}:{pid}", "prompt": "q", "chosen": [f"c{j}" for j in range(correct)],
-                   "rejected": ["w0", "w1"], "subset": "Ties", "num_correct": correct}
+            row = {
+                "id": f"{kind}:{pid}",
+                "prompt": "q",
+                "chosen": [f"c{j}" for j in range(correct)],
+                "rejected": ["w0", "w1"],
+                "subset": "Ties",
+                "num_correct": correct,
+            }
             scores = list(rng.normal(size=correct + 2) + np.r_[np.full(correct, 0.8), np.zeros(2)])
             rows.append(row)
             rewards += scores
@@ -164,8 +174,7 @@ def test_rm_bench_hard_normal_easy():
     rows, rewards, by_domain = [], [], defaultdict(list)
     for i, domain in enumerate(["chat", "code", "safety-refuse", "safety-response", "chat", "code", "math"] * 3):
         chosen, rejected = rng.normal(size=3) + 0.3, rng.normal(size=3)
-        rows.append({"id": i, "prompt": "p", "chosen": ["a", "b", "c"], "rejected": ["x", "y", "z"],
-                     "domain": domain})
+        rows.append({"id": i, "prompt": "p", "chosen": ["a", "b", "c"], "rejected": ["x", "y", "z"], "domain": domain})
         rewards += [*chosen, *rejected]
         by_domain[domain.split("-")[0]].append({"score_chosen": list(chosen), "score_rejected": list(rejected)})
 
@@ -178,8 +187,11 @@ def test_rm_bench_hard_normal_easy():
                     if result["score_chosen"][i] > result["score_rejected"][j]:
                         acc[i][j] += 1
         acc /= len(results)
-        return {"hard": np.sum(np.triu(acc, 1)) / 3, "normal": np.mean(np.diag(acc)),
-                "easy": np.sum(np.tril(acc, -1)) / 3}
+        return {
+            "hard": np.sum(np.triu(acc, 1)) / 3,
+            "normal": np.mean(np.diag(acc)),
+            "easy": np.sum(np.tril(acc, -1)) / 3,
+        }
 
     expected = {d: compute_accuracy(r) for d, r in by_domain.items()}
     result = benchmark_split(rows, name="rm", source="rm.json").result(rewards)
@@ -208,14 +220,34 @@ def test_cli_evaluates_rewardbench_files_for_members_ensemble_and_warm(run_cli, 
     v1, _ = v1_rows({"hep-cpp": [True] * 4, "llmbar-natural": [True] * 3, "donotanswer": [True] * 3})
     for i, row in enumerate(v1):
         row["chosen"], row["rejected"] = f"The fix works, test {i} passes.", f"It fails on input {i}."
-    v2 = [{"id": str(i), "prompt": f"Question {i}?", "chosen": [f"Answer {i} is right."],
-           "rejected": [f"Wrong {i}.", "No idea.", f"Maybe {i + 1}."], "subset": "Factuality" if i % 2 else "Focus",
-           "num_correct": 1} for i in range(6)]
+    v2 = [
+        {
+            "id": str(i),
+            "prompt": f"Question {i}?",
+            "chosen": [f"Answer {i} is right."],
+            "rejected": [f"Wrong {i}.", "No idea.", f"Maybe {i + 1}."],
+            "subset": "Factuality" if i % 2 else "Focus",
+            "num_correct": 1,
+        }
+        for i in range(6)
+    ]
     v1_file = write_pairs(v1, tmp_path / "rb.jsonl")
     v2_file = write_pairs(v2, tmp_path / "rb2.parquet")
     warm = warm_hub.merge([str(m) for m in members], tmp_path / "warm", device="cpu").out
-    code, out, err = run_cli("evaluate", *members, warm, "--data", f"rb={v1_file}", "--data", f"rb2={v2_file}",
-                             "--ensemble", "--json", tmp_path / "eval.json", "--device", "cpu")
+    code, out, err = run_cli(
+        "evaluate",
+        *members,
+        warm,
+        "--data",
+        f"rb={v1_file}",
+        "--data",
+        f"rb2={v2_file}",
+        "--ensemble",
+        "--json",
+        tmp_path / "eval.json",
+        "--device",
+        "cpu",
+    )
     assert code == 0, err
     assert "rb by subset:" in out and "Chat Hard" in out and "Factuality" in out
     document = load_results(tmp_path / "eval.json")

@@ -32,13 +32,28 @@ def test_grpo_against_a_proxy_logs_the_gold_reward(tmp_path):
 
     rewards = proxy_and_gold_rewards(proxy, gold)
     args = GRPOConfig(
-        output_dir=str(tmp_path / "grpo"), max_steps=3, per_device_train_batch_size=4, num_generations=4,
-        max_completion_length=8, logging_steps=1, learning_rate=1e-3, report_to="none", use_cpu=True,
-        save_strategy="no", disable_tqdm=True, gradient_checkpointing=False, seed=0,
+        output_dir=str(tmp_path / "grpo"),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=8,
+        logging_steps=1,
+        learning_rate=1e-3,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        gradient_checkpointing=False,
+        seed=0,
         reward_weights=rewards["reward_weights"],
     )
-    trainer = GRPOTrainer(model=policy, args=args, reward_funcs=rewards["reward_funcs"], processing_class=tokenizer,
-                          train_dataset=datasets.Dataset.from_dict({"prompt": demo_prompts(8)}))
+    trainer = GRPOTrainer(
+        model=policy,
+        args=args,
+        reward_funcs=rewards["reward_funcs"],
+        processing_class=tokenizer,
+        train_dataset=datasets.Dataset.from_dict({"prompt": demo_prompts(8)}),
+    )
     trainer.train()
 
     curve = reward_curves(trainer.state.log_history, proxy="rm-0")

@@ -97,8 +97,9 @@ def test_custom_code_only_with_the_flag(tmp_path, run_cli):
         (member / "modeling_custom.py").write_text("# custom model code\n")
     with pytest.raises(InvalidOptionError, match="--trust-remote-code-files"):
         warm_hub.merge([str(m) for m in members], tmp_path / "out", device="cpu")
-    code, _, err = run_cli("merge", *members, "--out", tmp_path / "out", "--device", "cpu",
-                           "--trust-remote-code-files")
+    code, _, err = run_cli(
+        "merge", *members, "--out", tmp_path / "out", "--device", "cpu", "--trust-remote-code-files"
+    )
     assert code == 0, err
     assert (tmp_path / "out" / "modeling_custom.py").read_text() == "# custom model code\n"
     (members[1] / "modeling_custom.py").write_text("# something else\n")
@@ -133,12 +134,24 @@ def test_trl_reward_trainer_checkpoints_merge_and_load(tmp_path):
     rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in review_pairs(8, seed=1)]
     checkpoints = []
     for i in range(2):
-        args = trl.RewardConfig(output_dir=str(tmp_path / f"trl-{i}"), max_steps=1, save_steps=1, seed=i,
-                                per_device_train_batch_size=4, learning_rate=1e-3 * (i + 1), disable_dropout=False,
-                                report_to=[], use_cpu=True, disable_tqdm=True)
-        trl.RewardTrainer(model=AutoModelForSequenceClassification.from_pretrained(init), args=args,
-                          train_dataset=datasets.Dataset.from_list(rows),
-                          processing_class=AutoTokenizer.from_pretrained(init)).train()
+        args = trl.RewardConfig(
+            output_dir=str(tmp_path / f"trl-{i}"),
+            max_steps=1,
+            save_steps=1,
+            seed=i,
+            per_device_train_batch_size=4,
+            learning_rate=1e-3 * (i + 1),
+            disable_dropout=False,
+            report_to=[],
+            use_cpu=True,
+            disable_tqdm=True,
+        )
+        trl.RewardTrainer(
+            model=AutoModelForSequenceClassification.from_pretrained(init),
+            args=args,
+            train_dataset=datasets.Dataset.from_list(rows),
+            processing_class=AutoTokenizer.from_pretrained(init),
+        ).train()
         checkpoints.append(tmp_path / f"trl-{i}" / "checkpoint-1")
     assert (checkpoints[0] / "training_args.bin").exists()
     out = warm_hub.merge([str(c) for c in checkpoints], tmp_path / "warm", device="cpu").out

@@ -129,13 +129,14 @@ def test_an_input_truncated_during_the_merge_is_one_line(tmp_path, python, when)
         (folder / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["X"]}))
         folders.append(folder)
     # The API raises: print the error's class and the line the CLI would show.
-    script = "from warm_hub.cli import _one_line\n" + TRUNCATE.replace(
-        "merge([", "try:\n    merge(["
-    ).rstrip() + "\nexcept Exception as exc:\n    print(type(exc).__name__, _one_line(exc))\n    sys.exit(1)\n"
+    script = (
+        "from warm_hub.cli import _one_line\n"
+        + TRUNCATE.replace("merge([", "try:\n    merge([").rstrip()
+        + "\nexcept Exception as exc:\n    print(type(exc).__name__, _one_line(exc))\n    sys.exit(1)\n"
+    )
     out = tmp_path / "out"
     proc = subprocess.run([python, "-c", script, *map(str, folders), when, str(out)], capture_output=True, text=True)
     assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])  # -7 would be SIGBUS
     assert "CheckpointFormatError" in proc.stdout and "big-1/model.safetensors" in proc.stdout
     assert "shrank" in proc.stdout or "truncated" in proc.stdout
     assert not out.exists() and not Path(str(out) + ".warm-hub-partial").exists()
-

@@ -167,8 +167,6 @@ def _triton_serves(out: torch.Tensor, inputs: Sequence[torch.Tensor]) -> bool:
     return out.dtype in SUPPORTED_DTYPES and all(x.dtype in SUPPORTED_DTYPES for x in inputs)
 
 
-
-
 def _host_average(out: torch.Tensor, inputs: Sequence[torch.Tensor], weights: Sequence[float]) -> bool:
     """The CPU average: the C kernel where it serves the tensors, else the torch loop."""
     kernel = cpu_kernel(out, inputs)

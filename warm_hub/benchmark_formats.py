@@ -51,11 +51,20 @@ EXAMPLE_COUNTS = {
 SECTIONS = {
     "Chat": ["alpacaeval-easy", "alpacaeval-length", "alpacaeval-hard", "mt-bench-easy", "mt-bench-med"],
     "Chat Hard": [
-        "mt-bench-hard", "llmbar-natural", "llmbar-adver-neighbor", "llmbar-adver-GPTInst", "llmbar-adver-GPTOut",
+        "mt-bench-hard",
+        "llmbar-natural",
+        "llmbar-adver-neighbor",
+        "llmbar-adver-GPTInst",
+        "llmbar-adver-GPTOut",
         "llmbar-adver-manual",
     ],
-    "Safety": ["refusals-dangerous", "refusals-offensive", "xstest-should-refuse", "xstest-should-respond",
-               "donotanswer"],
+    "Safety": [
+        "refusals-dangerous",
+        "refusals-offensive",
+        "xstest-should-refuse",
+        "xstest-should-respond",
+        "donotanswer",
+    ],
     "Reasoning": ["math-prm", "hep-cpp", "hep-go", "hep-java", "hep-js", "hep-python", "hep-rust"],
 }
 TIES_SUBSET = "ties"
@@ -111,8 +120,13 @@ class BenchmarkSplit:
         rows = self._split_rows(rewards)
         score = {REWARDBENCH: _rewardbench, REWARDBENCH_2: _rewardbench_2, RM_BENCH: _rm_bench}[self.format]
         records, headline = score(self, rows)
-        return {"accuracy": headline["accuracy"], "n": headline["n"], "ci": headline["ci"],
-                "metric": headline["subset"], "subsets": records}
+        return {
+            "accuracy": headline["accuracy"],
+            "n": headline["n"],
+            "ci": headline["ci"],
+            "metric": headline["subset"],
+            "subsets": records,
+        }
 
     def _split_rows(self, rewards: Sequence[float]) -> list[tuple[list[float], list[float]]]:
         total = sum(len(c) + len(r) for c, r in zip(self.chosen, self.rejected, strict=True))
@@ -145,8 +159,9 @@ def detect_format(rows: Sequence[Mapping[str, Any]]) -> str | None:
     return None
 
 
-def benchmark_split(rows: Sequence[Mapping[str, Any]], *, name: str, source: str,
-                    hub_id: str | None = None) -> BenchmarkSplit | None:
+def benchmark_split(
+    rows: Sequence[Mapping[str, Any]], *, name: str, source: str, hub_id: str | None = None
+) -> BenchmarkSplit | None:
     """A `BenchmarkSplit` of `rows` when they are in a benchmark format (see `detect_format`), else None.
 
     Raises:
@@ -179,8 +194,17 @@ def benchmark_split(rows: Sequence[Mapping[str, Any]], *, name: str, source: str
         rejected.append(list(r))
         subsets.append(subset)
         ids.append(row_id)
-    return BenchmarkSplit(name=name, source=source, format=fmt, prompts=prompts, chosen=chosen, rejected=rejected,
-                          subsets=subsets, ids=ids, hub_id=hub_id)
+    return BenchmarkSplit(
+        name=name,
+        source=source,
+        format=fmt,
+        prompts=prompts,
+        chosen=chosen,
+        rejected=rejected,
+        subsets=subsets,
+        ids=ids,
+        hub_id=hub_id,
+    )
 
 
 def subset_records(document: dict) -> list[dict]:
@@ -218,10 +242,16 @@ def _is_text_list(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
-def _record(subset: str, group: str, fmt: str, accuracy: float, n: int, ci: tuple[float, float],
-            method: str) -> dict:
-    return {"format": fmt, "subset": subset, "group": group, "accuracy": float(accuracy), "n": int(n),
-            "ci": [float(ci[0]), float(ci[1])], "ci_method": method}
+def _record(subset: str, group: str, fmt: str, accuracy: float, n: int, ci: tuple[float, float], method: str) -> dict:
+    return {
+        "format": fmt,
+        "subset": subset,
+        "group": group,
+        "accuracy": float(accuracy),
+        "n": int(n),
+        "ci": [float(ci[0]), float(ci[1])],
+        "ci_method": method,
+    }
 
 
 class _Scores:
@@ -320,8 +350,9 @@ def _rewardbench_2(split: BenchmarkSplit, rows) -> tuple[list[dict], dict]:
         if subset.lower() == TIES_SUBSET:
             accuracy, draws, prompts = _ties_score(split, rows, index, scores.rng)
             scores.values[subset], scores.draws[subset] = np.array([accuracy]), draws
-            records.append(_record(subset, "subset", REWARDBENCH_2, accuracy, prompts, scores.interval(draws),
-                                   "bootstrap"))
+            records.append(
+                _record(subset, "subset", REWARDBENCH_2, accuracy, prompts, scores.interval(draws), "bootstrap")
+            )
             continue
         accuracy, ci, method = scores.add(subset, [_best_of(*rows[i]) for i in index])
         records.append(_record(subset, "subset", REWARDBENCH_2, accuracy, len(index), ci, method))
@@ -352,8 +383,13 @@ def _ties_score(split: BenchmarkSplit, rows, index: list[int], rng) -> tuple[flo
     prompts = sorted(set(stats["ref"]) | set(stats["tied"]))
     columns = {  # one entry per prompt id, NaN where the prompt lacks that kind of row
         key: np.array([stats[kind][p][pos] if p in stats[kind] else np.nan for p in prompts], dtype=np.float64)
-        for key, (kind, pos) in {"ref_acc": ("ref", 0), "tied_acc": ("tied", 0), "spread": ("tied", 1),
-                                 "tied_margin": ("tied", 2), "ref_margin": ("ref", 2)}.items()
+        for key, (kind, pos) in {
+            "ref_acc": ("ref", 0),
+            "tied_acc": ("tied", 0),
+            "spread": ("tied", 1),
+            "tied_margin": ("tied", 2),
+            "ref_margin": ("ref", 2),
+        }.items()
     }
 
     def score(sample: np.ndarray) -> np.ndarray:
@@ -367,9 +403,13 @@ def _ties_score(split: BenchmarkSplit, rows, index: list[int], rng) -> tuple[flo
         spread, low = c["spread"], np.fmin(c["ref_margin"], c["tied_margin"])
         with np.errstate(invalid="ignore", divide="ignore"):
             margin_score = np.nan_to_num(np.tanh(low / spread - 1), nan=0.0)
-        return (0.3 * mean(c["tied_acc"], ~np.isnan(c["tied_acc"])) + 0.3 * mean(c["ref_acc"], ~np.isnan(c["ref_acc"]))
-                + 0.2 * mean(c["tied_margin"] > spread, both) + 0.2 * mean(low > spread, both)
-                + 0.01 * mean(margin_score, both))
+        return (
+            0.3 * mean(c["tied_acc"], ~np.isnan(c["tied_acc"]))
+            + 0.3 * mean(c["ref_acc"], ~np.isnan(c["ref_acc"]))
+            + 0.2 * mean(c["tied_margin"] > spread, both)
+            + 0.2 * mean(low > spread, both)
+            + 0.01 * mean(margin_score, both)
+        )
 
     estimate = float(score(np.arange(len(prompts))[None, :])[0])
     draws = score(rng.integers(0, len(prompts), size=(BOOTSTRAP_RESAMPLES, len(prompts))))

@@ -124,14 +124,16 @@ class BestOfNResult:
         """Rows for a text table: header, then one row per proxy and n."""
         rows = [["proxy", "n", "KL_BoN", "gold reward (95% CI)", "win rate vs random (95% CI)", "proxy reward"]]
         for r in self.records:
-            rows.append([
-                r["proxy"],
-                str(r["n"]),
-                f"{r['kl']:.3f}",
-                f"{r['gold_mean']:.3f} [{r['gold_ci'][0]:.3f}, {r['gold_ci'][1]:.3f}]",
-                f"{r['win_rate_vs_random']:.3f} [{r['win_rate_ci'][0]:.3f}, {r['win_rate_ci'][1]:.3f}]",
-                f"{r['proxy_mean']:.3f}",
-            ])
+            rows.append(
+                [
+                    r["proxy"],
+                    str(r["n"]),
+                    f"{r['kl']:.3f}",
+                    f"{r['gold_mean']:.3f} [{r['gold_ci'][0]:.3f}, {r['gold_ci'][1]:.3f}]",
+                    f"{r['win_rate_vs_random']:.3f} [{r['win_rate_ci'][0]:.3f}, {r['win_rate_ci'][1]:.3f}]",
+                    f"{r['proxy_mean']:.3f}",
+                ]
+            )
         return rows
 
 
@@ -148,9 +150,7 @@ def kl_best_of_n(n: int) -> float:
     return math.log(n) - (n - 1) / n
 
 
-def best_of_n_records(
-    rewards: dict[str, np.ndarray], gold: np.ndarray, sizes: Sequence[int]
-) -> list[dict]:
+def best_of_n_records(rewards: dict[str, np.ndarray], gold: np.ndarray, sizes: Sequence[int]) -> list[dict]:
     """Gold reward and win rate of each proxy's best-of-n pick, for every n of `sizes`.
 
     A proxy picks, per prompt, the candidate of highest proxy reward among the first n (the first such on ties,
@@ -184,22 +184,25 @@ def best_of_n_records(
             wins = (below + 0.5 * ties) / n
             gold_mean, gold_ci = mean_interval(picked_gold)
             win_mean, win_ci = mean_interval(wins)
-            records.append({
-                "proxy": name,
-                "n": int(n),
-                "kl": kl_best_of_n(n),
-                "gold_mean": gold_mean,
-                "gold_ci": list(gold_ci),
-                "win_rate_vs_random": win_mean,
-                "win_rate_ci": list(win_ci),
-                "proxy_mean": float(proxy[rows, pick].mean()),
-                "prompts": int(gold.shape[0]),
-            })
+            records.append(
+                {
+                    "proxy": name,
+                    "n": int(n),
+                    "kl": kl_best_of_n(n),
+                    "gold_mean": gold_mean,
+                    "gold_ci": list(gold_ci),
+                    "win_rate_vs_random": win_mean,
+                    "win_rate_ci": list(win_ci),
+                    "proxy_mean": float(proxy[rows, pick].mean()),
+                    "prompts": int(gold.shape[0]),
+                }
+            )
     return records
 
 
-def load_prompts(source: str | os.PathLike | Sequence[Any] | Any, *, split: str = "train",
-                 limit: int | None = None) -> list[Any]:
+def load_prompts(
+    source: str | os.PathLike | Sequence[Any] | Any, *, split: str = "train", limit: int | None = None
+) -> list[Any]:
     """Prompts from a file, data folder or Hub dataset with a `prompt` column, a `datasets.Dataset`, or a list.
 
     Args:
@@ -243,8 +246,12 @@ def default_cache_dir() -> Path:
 def sampling_key(policy_identity: dict, prompts: Sequence[Any], config: SamplingConfig) -> str:
     """The cache key of a set of candidates: policy (commit or files), prompts, and every sampling option."""
     prompts_hash = hashlib.sha256(json.dumps(list(prompts), sort_keys=True).encode()).hexdigest()
-    payload = {"policy": policy_identity, "prompts": prompts_hash, "sampling": asdict(config),
-               "version": CACHE_VERSION}
+    payload = {
+        "policy": policy_identity,
+        "prompts": prompts_hash,
+        "sampling": asdict(config),
+        "version": CACHE_VERSION,
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
@@ -292,12 +299,19 @@ def sample_candidates(
             document = json.loads(cache_path.read_text(encoding="utf-8"))
             logger.info("best-of-N: %d x %d candidates read from the cache %s", len(prompts), sampling.n, cache_path)
             return document["candidates"]
-    candidates = _generate(repo_id or policy, revision, prompts, sampling, device=device, dtype=dtype, token=token,
-                           tqdm_class=tqdm_class)
+    candidates = _generate(
+        repo_id or policy, revision, prompts, sampling, device=device, dtype=dtype, token=token, tqdm_class=tqdm_class
+    )
     if cache_path is not None:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
-        document = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "policy": identity,
-                    "sampling": asdict(sampling), "prompts": list(prompts), "candidates": candidates}
+        document = {
+            "format": CACHE_FORMAT,
+            "version": CACHE_VERSION,
+            "policy": identity,
+            "sampling": asdict(sampling),
+            "prompts": list(prompts),
+            "candidates": candidates,
+        }
         partial = cache_path.with_suffix(f".tmp-{os.getpid()}")
         partial.write_text(json.dumps(document), encoding="utf-8")
         os.replace(partial, cache_path)
@@ -322,8 +336,9 @@ def _prompt_ids(tokenizer, prompt) -> list[int]:
     return list(ids)
 
 
-def _generate(policy: str, revision, prompts, sampling: SamplingConfig, *, device, dtype, token,
-              tqdm_class) -> list[list[str]]:
+def _generate(
+    policy: str, revision, prompts, sampling: SamplingConfig, *, device, dtype, token, tqdm_class
+) -> list[list[str]]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -348,9 +363,11 @@ def _generate(policy: str, revision, prompts, sampling: SamplingConfig, *, devic
     group = max(1, sampling.generation_batch_size // sampling.n)
     chunk = sampling.n if group > 1 else sampling.generation_batch_size
     candidates: list[list[str]] = []
-    with quiet_transformers(), torch.inference_mode(), tqdm_class(
-        total=len(prompts), desc="Sampling", unit="prompt"
-    ) as bar:
+    with (
+        quiet_transformers(),
+        torch.inference_mode(),
+        tqdm_class(total=len(prompts), desc="Sampling", unit="prompt") as bar,
+    ):
         for first in range(0, len(prompts), group):
             members = range(first, min(first + group, len(prompts)))
             responses: list[list[str]] = [[] for _ in members]
@@ -387,8 +404,9 @@ def _chunk_seed(seed: int, prompt: int, chunk: int) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def score_candidates(scorer, prompts: Sequence[Any], candidates: Sequence[Sequence[str]], *,
-                     batch_size: int | None = None) -> np.ndarray:
+def score_candidates(
+    scorer, prompts: Sequence[Any], candidates: Sequence[Sequence[str]], *, batch_size: int | None = None
+) -> np.ndarray:
     """Rewards (prompts, N) of every candidate under a `RewardModel` (batched) or a `(prompts, responses)` callable.
 
     Raises:
@@ -470,22 +488,34 @@ def best_of_n(
     if not proxies:
         raise InvalidOptionError("best-of-N needs at least one proxy reward model")
     sampling = replace(sampling or SamplingConfig(), n=n)
-    labels = _unique_labels([
-        p.__name__ if isinstance(p, RewardModel) else source_label(os.fspath(p)) for p in proxies
-    ])
+    labels = _unique_labels(
+        [p.__name__ if isinstance(p, RewardModel) else source_label(os.fspath(p)) for p in proxies]
+    )
     if ensemble and ENSEMBLE_NAME in labels:
         raise InvalidOptionError(f"a proxy is named {ENSEMBLE_NAME!r}, as the ensemble is: rename its folder")
-    members = [label for label, p in zip(labels, proxies, strict=True)
-               if isinstance(p, RewardModel) or not is_warm_model(os.fspath(p), token=token)]
+    members = [
+        label
+        for label, p in zip(labels, proxies, strict=True)
+        if isinstance(p, RewardModel) or not is_warm_model(os.fspath(p), token=token)
+    ]
     if ensemble and len(members) < 2:
-        raise InvalidOptionError(f"the ensemble needs two or more member proxies (not WARM merges), got"
-                                 f" {len(members)}")
+        raise InvalidOptionError(
+            f"the ensemble needs two or more member proxies (not WARM merges), got {len(members)}"
+        )
     prompt_list = load_prompts(prompts, split=split, limit=limit)
     if candidates is None:
         if policy is None:
             raise InvalidOptionError("best-of-N needs a policy to sample from (or candidates)")
-        candidates = sample_candidates(policy, prompt_list, sampling=sampling, cache_dir=cache_dir, device=device,
-                                       dtype=dtype, token=token, tqdm_class=tqdm_class)
+        candidates = sample_candidates(
+            policy,
+            prompt_list,
+            sampling=sampling,
+            cache_dir=cache_dir,
+            device=device,
+            dtype=dtype,
+            token=token,
+            tqdm_class=tqdm_class,
+        )
     candidates = [list(row) for row in candidates]
     if len(candidates) != len(prompt_list) or any(len(row) < n for row in candidates):
         raise InvalidOptionError(f"need {n} candidates for each of the {len(prompt_list)} prompts")
@@ -510,8 +540,15 @@ def best_of_n(
         rewards[ENSEMBLE_NAME] = np.mean([rewards[m] for m in members], axis=0)
     sizes = best_of_n_sizes(n)
     records = best_of_n_records(rewards, gold_rewards, sizes)
-    return BestOfNResult(records=records, prompts=prompt_list, candidates=candidates, rewards=rewards,
-                         gold=gold_rewards, sizes=sizes, sampling=sampling)
+    return BestOfNResult(
+        records=records,
+        prompts=prompt_list,
+        candidates=candidates,
+        rewards=rewards,
+        gold=gold_rewards,
+        sizes=sizes,
+        sampling=sampling,
+    )
 
 
 def plot_best_of_n(records: Sequence[dict], path: str | os.PathLike) -> Path:
@@ -533,8 +570,9 @@ def plot_best_of_n(records: Sequence[dict], path: str | os.PathLike) -> Path:
         xs = [r["kl"] for r in rows]
         color = KIND_COLORS.get(proxy) if proxy in ("ensemble", "warm") else None
         (line,) = ax.plot(xs, [r["gold_mean"] for r in rows], marker="o", label=proxy, color=color)
-        ax.fill_between(xs, [r["gold_ci"][0] for r in rows], [r["gold_ci"][1] for r in rows],
-                        color=line.get_color(), alpha=0.12)
+        ax.fill_between(
+            xs, [r["gold_ci"][0] for r in rows], [r["gold_ci"][1] for r in rows], color=line.get_color(), alpha=0.12
+        )
     ax.set_xlabel("KL_BoN = log n - (n-1)/n")
     ax.set_ylabel("gold reward of the best-of-n pick")
     ax.set_title("Best-of-N: gold reward of each proxy's pick")

@@ -47,6 +47,8 @@ DIVERSITY_PATTERN = re.compile(r"dropout|_pdrop$|^layerdrop$|^drop_path_rate$")
 _BOOKKEEPING_KEYS = frozenset({"_name_or_path", "_commit_hash", "transformers_version", "torch_dtype", "dtype"})
 # The name `--allow-config-mismatch` takes for differing tokenizers.
 TOKENIZER_KEY = "tokenizer"
+
+
 def load_config(source: IngredientSource) -> dict | None:
     """The ingredient's config.json as a dict, or None when it has none.
 

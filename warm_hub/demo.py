@@ -24,8 +24,17 @@ logger = logging.get_logger(__name__)
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
 SPLIT_FILES = {"in_distribution": "test_in_distribution.jsonl", "shifted": "test_shifted.jsonl"}
 FLIPPED_SPLIT = "flipped"
-DEMO_ENTRIES = ("data", "base", "members", "warm", DEMO_CONFIG_NAME, "best_of_n", BEST_OF_N_NAME, SEEDS_DIR,
-                SEEDS_NAME)
+DEMO_ENTRIES = (
+    "data",
+    "base",
+    "members",
+    "warm",
+    DEMO_CONFIG_NAME,
+    "best_of_n",
+    BEST_OF_N_NAME,
+    SEEDS_DIR,
+    SEEDS_NAME,
+)
 # Share of the pretraining reviews that end with the nuisance mark, whatever their mood: the base LM (the
 # best-of-N policy) writes it that often, independently of the true reward.
 CORPUS_MARK_RATE = 0.5
@@ -247,8 +256,9 @@ def run_demo(config: DemoConfig, *, tqdm_class=None) -> DemoResult:
         first = runs[0]
         first.seconds = time.perf_counter() - started
         if config.seeds > 1:
-            first.per_seed = [{"seed": config.seed + k, "results": r.results, "best_of_n": r.best_of_n}
-                              for k, r in enumerate(runs)]
+            first.per_seed = [
+                {"seed": config.seed + k, "results": r.results, "best_of_n": r.best_of_n} for k, r in enumerate(runs)
+            ]
             _summarize_seeds(first, out)
         return first
     finally:
@@ -273,13 +283,13 @@ def _run_demo(config: DemoConfig, out: Path, *, tqdm_class) -> DemoResult:
     timings["data"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
-    checkpoints = pretrain_base(out / "base", tokenizer=tokenizer, corpus=corpus, config=config,
-                                tqdm_class=tqdm_class)
+    checkpoints = pretrain_base(out / "base", tokenizer=tokenizer, corpus=corpus, config=config, tqdm_class=tqdm_class)
     timings["pretrain"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
-    run = _finetune_members(config, out / "members", checkpoints=checkpoints, train_file=train_file,
-                            tqdm_class=tqdm_class)
+    run = _finetune_members(
+        config, out / "members", checkpoints=checkpoints, train_file=train_file, tqdm_class=tqdm_class
+    )
     timings["finetune"] = time.perf_counter() - tick
     steps = sum(m.steps or 0 for m in run.member_configs)
     train_seconds = sum(m.train_seconds or 0.0 for m in run.member_configs)
@@ -296,8 +306,9 @@ def _run_demo(config: DemoConfig, out: Path, *, tqdm_class) -> DemoResult:
     best_of_n = None
     if config.best_of_n:
         tick = time.perf_counter()
-        best_of_n = _best_of_n(config, out, policy=checkpoints[-1], members=run.members, warm=merged.out,
-                               tqdm_class=tqdm_class)
+        best_of_n = _best_of_n(
+            config, out, policy=checkpoints[-1], members=run.members, warm=merged.out, tqdm_class=tqdm_class
+        )
         timings["best_of_n"] = time.perf_counter() - tick
     return DemoResult(
         out=out,
@@ -311,14 +322,20 @@ def _run_demo(config: DemoConfig, out: Path, *, tqdm_class) -> DemoResult:
     )
 
 
-def _best_of_n(config: DemoConfig, out: Path, *, policy: Path, members: list[Path], warm: Path,
-               tqdm_class) -> dict:
+def _best_of_n(config: DemoConfig, out: Path, *, policy: Path, members: list[Path], warm: Path, tqdm_class) -> dict:
     """The base LM's samples picked by each member, the ensemble and WARM, scored by the true reward."""
     from .demo_best_of_n import run_demo_best_of_n
 
-    result = run_demo_best_of_n(policy=policy, members=members, warm=warm, n=config.best_of_n,
-                                prompts=config.best_of_n_prompts, seed=config.seed, cache_dir=out / "best_of_n",
-                                tqdm_class=tqdm_class).to_json()
+    result = run_demo_best_of_n(
+        policy=policy,
+        members=members,
+        warm=warm,
+        n=config.best_of_n,
+        prompts=config.best_of_n_prompts,
+        seed=config.seed,
+        cache_dir=out / "best_of_n",
+        tqdm_class=tqdm_class,
+    ).to_json()
     (out / BEST_OF_N_NAME).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return result
 
@@ -334,9 +351,18 @@ def best_of_n_over_seeds(per_seed: list[dict]) -> list[dict]:
         found = [r for seed in per_seed for r in seed["records"] if (r["proxy"], r["n"]) == (proxy, n)]
         gold = [r["gold_mean"] for r in found]
         wins = [r["win_rate_vs_random"] for r in found]
-        rows.append({"proxy": proxy, "n": n, "kl": found[0]["kl"], "seeds": len(found),
-                     "gold_mean": round(sum(gold) / len(gold), 6), "gold_se": round(standard_error(gold), 6),
-                     "win_rate_mean": round(sum(wins) / len(wins), 6), "win_rate_se": round(standard_error(wins), 6)})
+        rows.append(
+            {
+                "proxy": proxy,
+                "n": n,
+                "kl": found[0]["kl"],
+                "seeds": len(found),
+                "gold_mean": round(sum(gold) / len(gold), 6),
+                "gold_se": round(standard_error(gold), 6),
+                "win_rate_mean": round(sum(wins) / len(wins), 6),
+                "win_rate_se": round(standard_error(wins), 6),
+            }
+        )
     return rows
 
 
@@ -355,10 +381,12 @@ def write_demo_data(config: DemoConfig, folder: Path) -> tuple[Path, dict[str, P
     train = preference_pairs(config.train_pairs, domain=IN_DISTRIBUTION, seed=config.seed, spurious=spurious)
     # Test seeds are offset so that no test pair is drawn from the training stream.
     tests = {
-        "in_distribution": preference_pairs(config.test_pairs, domain=IN_DISTRIBUTION, seed=config.seed + 10_000,
-                                            spurious=spurious),
-        "shifted": preference_pairs(config.test_pairs, domain=SHIFTED, seed=config.seed + 20_000,
-                                    spurious=1 - spurious),
+        "in_distribution": preference_pairs(
+            config.test_pairs, domain=IN_DISTRIBUTION, seed=config.seed + 10_000, spurious=spurious
+        ),
+        "shifted": preference_pairs(
+            config.test_pairs, domain=SHIFTED, seed=config.seed + 20_000, spurious=1 - spurious
+        ),
     }
     return write_jsonl(train, folder / "train.jsonl"), {
         name: write_jsonl(rows, folder / SPLIT_FILES[name]) for name, rows in tests.items()

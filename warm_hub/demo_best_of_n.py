@@ -75,8 +75,13 @@ def run_demo_best_of_n(
     """
     if cache_dir is None:
         cache_dir = Path(policy).parent / CACHE_FOLDER
-    sampling = SamplingConfig(n=n, seed=seed, temperature=temperature, max_new_tokens=max_new_tokens,
-                              generation_batch_size=DEMO_GENERATION_BATCH)
+    sampling = SamplingConfig(
+        n=n,
+        seed=seed,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        generation_batch_size=DEMO_GENERATION_BATCH,
+    )
     result = best_of_n(
         [*map(str, members), str(warm)],
         policy=str(policy),
@@ -93,8 +98,9 @@ def run_demo_best_of_n(
     # Paired over prompts: what the proxies share (an easy prompt, a lucky set of candidates) cancels out.
     warm_name = result.proxies[len(members)]
     others = [p for p in result.proxies if p != warm_name]
-    result.comparisons = [result.compare(warm_name, other, size) for size in result.sizes if size in REPORTED_N
-                          for other in others]
+    result.comparisons = [
+        result.compare(warm_name, other, size) for size in result.sizes if size in REPORTED_N for other in others
+    ]
     return result
 
 
@@ -107,8 +113,9 @@ def summary_table(records: Sequence[dict], sizes: Sequence[int] = REPORTED_N) ->
     rows = [["proxy", *(f"gold @ n={s}" for s in sizes), f"win vs random @ n={largest}"]]
     for proxy in dict.fromkeys(r["proxy"] for r in records):
         by_n = {r["n"]: r for r in records if r["proxy"] == proxy}
-        cells = [f"{by_n[s]['gold_mean']:.2f} ± {(by_n[s]['gold_ci'][1] - by_n[s]['gold_ci'][0]) / 2:.2f}"
-                 for s in sizes]
+        cells = [
+            f"{by_n[s]['gold_mean']:.2f} ± {(by_n[s]['gold_ci'][1] - by_n[s]['gold_ci'][0]) / 2:.2f}" for s in sizes
+        ]
         rows.append([proxy, *cells, f"{by_n[largest]['win_rate_vs_random']:.3f}"])
     return rows
 
@@ -119,6 +126,10 @@ def comparison_table(comparisons: Sequence[dict]) -> list[list[str]]:
     rows = [["difference", *(f"n={s}" for s in sizes)]]
     for pair in dict.fromkeys((c["a"], c["b"]) for c in comparisons):
         by_n = {c["n"]: c for c in comparisons if (c["a"], c["b"]) == pair}
-        rows.append([f"{pair[0]} - {pair[1]}", *(
-            f"{by_n[s]['difference']:+.2f} [{by_n[s]['ci'][0]:+.2f}, {by_n[s]['ci'][1]:+.2f}]" for s in sizes)])
+        rows.append(
+            [
+                f"{pair[0]} - {pair[1]}",
+                *(f"{by_n[s]['difference']:+.2f} [{by_n[s]['ci'][0]:+.2f}, {by_n[s]['ci'][1]:+.2f}]" for s in sizes),
+            ]
+        )
     return rows

@@ -92,8 +92,9 @@ class EvalDocument:
             "greedy": None,
         }
 
-    def add(self, name: str, kind: str, results: dict, *, source: str | None = None,
-            members: list[str] | None = None) -> None:
+    def add(
+        self, name: str, kind: str, results: dict, *, source: str | None = None, members: list[str] | None = None
+    ) -> None:
         """Add a model (`results`: split name -> `accuracy_entry`)."""
         entry: dict[str, Any] = {"name": name, "kind": kind, "source": source}
         if members is not None:
@@ -102,11 +103,26 @@ class EvalDocument:
         for split, result in results.items():
             self.data["splits"][split][name] = result
 
-    def compare(self, a: str, b: str, split: str, *, difference: float, ci: tuple[float, float], n: int,
-                selected_on: str | None = None) -> None:
+    def compare(
+        self,
+        a: str,
+        b: str,
+        split: str,
+        *,
+        difference: float,
+        ci: tuple[float, float],
+        n: int,
+        selected_on: str | None = None,
+    ) -> None:
         """Add a paired comparison of models `a` and `b` on `split`."""
-        record: dict[str, Any] = {"a": a, "b": b, "split": split, "difference": round(difference, 6), "n": n,
-                                  "ci": [round(ci[0], 6), round(ci[1], 6)]}
+        record: dict[str, Any] = {
+            "a": a,
+            "b": b,
+            "split": split,
+            "difference": round(difference, 6),
+            "n": n,
+            "ci": [round(ci[0], 6), round(ci[1], 6)],
+        }
         if selected_on is not None:
             record["selected_on"] = selected_on
         self.data["comparisons"].append(record)
@@ -133,8 +149,11 @@ def seeds_summary(documents: Sequence[dict], seeds: Sequence[int]) -> dict:
     from .stats import standard_error
 
     def summary(values: list[float]) -> dict:
-        return {"mean": round(sum(values) / len(values), 6), "se": round(standard_error(values), 6),
-                "values": [round(v, 6) for v in values]}
+        return {
+            "mean": round(sum(values) / len(values), 6),
+            "se": round(standard_error(values), 6),
+            "values": [round(v, 6) for v in values],
+        }
 
     if len(documents) != len(seeds) or not documents:
         raise ValueError(f"{len(documents)} documents for {len(seeds)} seeds")
@@ -148,9 +167,13 @@ def seeds_summary(documents: Sequence[dict], seeds: Sequence[int]) -> dict:
     for first in documents[0].get("comparisons") or []:
         key = (first["a"], first["b"], first["split"])
         # The best member may differ from seed to seed: compare by role, not by name.
-        values = [c["difference"] for d in documents for c in d.get("comparisons") or []
-                  if (c["a"], c["split"]) == key[::2] and (c["b"] == first["b"] or (
-                      "selected_on" in c and "selected_on" in first))]
+        values = [
+            c["difference"]
+            for d in documents
+            for c in d.get("comparisons") or []
+            if (c["a"], c["split"]) == key[::2]
+            and (c["b"] == first["b"] or ("selected_on" in c and "selected_on" in first))
+        ]
         label = "best member" if "selected_on" in first else first["b"]
         comparisons.append({"a": first["a"], "b": label, "split": first["split"], **summary(values)})
     return {"seeds": list(seeds), "splits": splits, "comparisons": comparisons}
@@ -391,8 +414,13 @@ def _check_split(split: object, models: object, bad) -> dict[str, dict[str, Any]
             entry["n"] = n
         ci = result.get("ci")
         if ci is not None:
-            if (not isinstance(ci, list) or len(ci) != 2 or not all(isinstance(x, int | float) for x in ci)
-                    or not 0 <= ci[0] <= accuracy + 1e-6 and accuracy - 1e-6 <= ci[1] <= 1):
+            if (
+                not isinstance(ci, list)
+                or len(ci) != 2
+                or not all(isinstance(x, int | float) for x in ci)
+                or not 0 <= ci[0] <= accuracy + 1e-6
+                and accuracy - 1e-6 <= ci[1] <= 1
+            ):
                 raise bad(f'{split}/{model}: "ci" must be [low, high] around the accuracy, within [0, 1]')
             entry["ci"] = [float(ci[0]), float(ci[1])]
         clean[str(model)] = entry

@@ -60,8 +60,9 @@ def pairwise_accuracy(chosen_rewards: Sequence[float], rejected_rewards: Sequenc
     return wins / len(chosen_rewards)
 
 
-def load_split(source: str | os.PathLike | Any, *, name: str | None = None, split: str = "test",
-               limit: int | None = None) -> PairSplit | BenchmarkSplit:
+def load_split(
+    source: str | os.PathLike | Any, *, name: str | None = None, split: str = "test", limit: int | None = None
+) -> PairSplit | BenchmarkSplit:
     """A `PairSplit` from a file/folder/Hub dataset (TRL preference format), a `datasets.Dataset` or rows.
 
     Rows in RewardBench, RewardBench 2 or RM-Bench format (told apart by their columns) give a `BenchmarkSplit`
@@ -232,8 +233,20 @@ def evaluate_models(
     def results(rewards: Rewards) -> dict:
         return _results(rewards, benchmarks)
 
-    scored = _score_models(sources, kinds, labels, splits, document, keep_weights=needs_weights, device=device,
-                           dtype=dtype, token=token, batch_size=batch_size, tqdm_class=tqdm_class, score=results)
+    scored = _score_models(
+        sources,
+        kinds,
+        labels,
+        splits,
+        document,
+        keep_weights=needs_weights,
+        device=device,
+        dtype=dtype,
+        token=token,
+        batch_size=batch_size,
+        tqdm_class=tqdm_class,
+        score=results,
+    )
     members = scored.members
     if ensemble and len(members) >= 2:
         scored.rewards[ENSEMBLE] = {
@@ -292,8 +305,21 @@ def _roles(models: Sequence[str | os.PathLike], roles: Mapping[str, str], *, tok
     return out
 
 
-def _score_models(sources, kinds, labels, splits, document: EvalDocument, *, keep_weights: bool, device, dtype,
-                  token, batch_size: int, tqdm_class, score=_results) -> _Scored:
+def _score_models(
+    sources,
+    kinds,
+    labels,
+    splits,
+    document: EvalDocument,
+    *,
+    keep_weights: bool,
+    device,
+    dtype,
+    token,
+    batch_size: int,
+    tqdm_class,
+    score=_results,
+) -> _Scored:
     """Score every split with every model once; keep the members' weights when averages are asked for."""
     from .reward_model import RewardModel
 
@@ -321,8 +347,9 @@ def _interpolation(between: list[str], points: list[float], splits, averaged, tq
     return {"between": [first, second], "lambdas": points, "accuracy": curve}
 
 
-def _compare(document: EvalDocument, rewards: dict[str, Rewards], *, warm: list[str], members: list[str],
-             splits: list[str]) -> None:
+def _compare(
+    document: EvalDocument, rewards: dict[str, Rewards], *, warm: list[str], members: list[str], splits: list[str]
+) -> None:
     """Paired comparisons of each WARM model with the ensemble and with the best member (picked on splits[0])."""
     from .stats import paired_bootstrap
 
@@ -337,8 +364,9 @@ def _compare(document: EvalDocument, rewards: dict[str, Rewards], *, warm: list[
                 continue
             for split in splits:
                 difference, ci = paired_bootstrap(outcomes[a][split], outcomes[b][split])
-                document.compare(a, b, split, difference=difference, ci=ci, n=len(outcomes[a][split]),
-                                 selected_on=selected_on)
+                document.compare(
+                    a, b, split, difference=difference, ci=ci, n=len(outcomes[a][split]), selected_on=selected_on
+                )
 
 
 def is_warm_model(source: str | os.PathLike, *, token=None) -> bool:

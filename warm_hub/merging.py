@@ -255,8 +255,19 @@ def merge(
             resumed = len(journal.done())
             ingredients = _ingredients(opened, plan)
             digests = _write_partial(
-                plan, read_from, partial, journal, side, side_sources, configs, ingredients, side_files,
-                adapted=adapted, device=torch_device, allow_non_finite=allow_non_finite, tqdm_class=tqdm_class,
+                plan,
+                read_from,
+                partial,
+                journal,
+                side,
+                side_sources,
+                configs,
+                ingredients,
+                side_files,
+                adapted=adapted,
+                device=torch_device,
+                allow_non_finite=allow_non_finite,
+                tqdm_class=tqdm_class,
                 token=token,
             )
             _publish(partial, out)
@@ -321,8 +332,21 @@ def _start_partial(plan: MergePlan, read_from, partial: Path, fingerprint: str, 
 
 
 def _write_partial(
-    plan, read_from, partial: Path, journal: ResumeJournal, side, side_sources, configs, ingredients, side_files,
-    *, adapted, device, allow_non_finite: bool, tqdm_class, token,
+    plan,
+    read_from,
+    partial: Path,
+    journal: ResumeJournal,
+    side,
+    side_sources,
+    configs,
+    ingredients,
+    side_files,
+    *,
+    adapted,
+    device,
+    allow_non_finite: bool,
+    tqdm_class,
+    token,
 ) -> dict[str, str]:
     """Stream the weights into `partial` while the side thread prepares the other files, then finish them.
 
@@ -404,7 +428,13 @@ def _plan_adapted(opened, stack, base, weights, dtype, shard_size, token, as_ada
     from .lora_merge import prepare_adapted_merge
 
     return prepare_adapted_merge(
-        opened, stack, base=base, weights=weights, dtype=dtype, shard_size=shard_size, token=token,
+        opened,
+        stack,
+        base=base,
+        weights=weights,
+        dtype=dtype,
+        shard_size=shard_size,
+        token=token,
         as_adapter=as_adapter,
     )
 
@@ -421,8 +451,12 @@ def _write_adapter_output(adapted, ingredients, out: Path, started: float, push_
         shutil.rmtree(partial)
     try:
         written = write_average_adapter(
-            adapted.adapters, adapted.plan.weights, adapted.base, partial,
-            base_reference=adapted.base_reference, dtype=adapted.plan.dtype,
+            adapted.adapters,
+            adapted.plan.weights,
+            adapted.base,
+            partial,
+            base_reference=adapted.base_reference,
+            dtype=adapted.plan.dtype,
         )
         for name in TOKENIZER_FILES:
             path = adapted.side_source.fetch(name) if name in adapted.side_source.list_files() else None

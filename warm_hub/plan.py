@@ -110,8 +110,11 @@ class MergePlan:
             "shards": [[s.filename, hashlib.sha256(s.header).hexdigest(), s.size] for s in self.shards],
             "inputs": [[t.name, [[i.file, i.start, i.dtype] for i in t.inputs]] for t in self.tensors],
         }
-        adapted = [[t.sources, t.weights, [[d.source, d.a.start, d.b.start, d.coefficient] for d in t.deltas]]
-                   for t in self.tensors if t.sources is not None]
+        adapted = [
+            [t.sources, t.weights, [[d.source, d.a.start, d.b.start, d.coefficient] for d in t.deltas]]
+            for t in self.tensors
+            if t.sources is not None
+        ]
         if adapted:
             payload["adapted"] = adapted
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -249,14 +252,20 @@ def layout_shards(entries: list[PlannedTensor], shard_size: int) -> list[OutputS
         # Widest dtypes first keeps every tensor aligned to its element size (the header is padded to 8).
         group.sort(key=lambda e: (-itemsize(e.dtype), natural_key(e.name)))
         header = build_header([(e.name, e.dtype, e.shape) for e in group], metadata=OUTPUT_METADATA)
-        filename = (
-            SAFE_SINGLE if len(groups) == 1 else f"model-{index + 1:05d}-of-{len(groups):05d}.safetensors"
-        )
+        filename = SAFE_SINGLE if len(groups) == 1 else f"model-{index + 1:05d}-of-{len(groups):05d}.safetensors"
         shard = OutputShard(filename=filename, header=header, size=len(header))
         for e in group:
             tensor = OutputTensor(
-                e.name, e.dtype, e.shape, index, shard.size, e.inputs, average=is_floating(e.dtype),
-                sources=e.sources, weights=e.weights, deltas=e.deltas,
+                e.name,
+                e.dtype,
+                e.shape,
+                index,
+                shard.size,
+                e.inputs,
+                average=is_floating(e.dtype),
+                sources=e.sources,
+                weights=e.weights,
+                deltas=e.deltas,
             )
             shard.tensors.append(tensor)
             shard.size += tensor.nbytes

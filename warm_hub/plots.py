@@ -57,8 +57,15 @@ def results_figure(document: dict):
     for i, model in enumerate(models):
         xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(splits))]
         ys = [document["splits"][s].get(model["name"], {}).get("accuracy", float("nan")) for s in splits]
-        ax.bar(xs, ys, width=width * 0.95, color=KIND_COLORS.get(model["kind"], "#bab0ac"), edgecolor="black",
-               linewidth=0.4, label=model["name"])
+        ax.bar(
+            xs,
+            ys,
+            width=width * 0.95,
+            color=KIND_COLORS.get(model["kind"], "#bab0ac"),
+            edgecolor="black",
+            linewidth=0.4,
+            label=model["name"],
+        )
     ax.set_xticks(range(len(splits)), splits)
     ax.set_ylabel("pairwise accuracy")
     values = [r["accuracy"] for s in splits for r in document["splits"][s].values()]
@@ -66,8 +73,9 @@ def results_figure(document: dict):
     ax.set_ylim(max(0.0, low - 0.1), 1.0)
     ax.set_title("Members, ensemble and WARM")
     # Below the axes, never over the bars (up to 1.0, the top of the plot).
-    ax.legend(fontsize=7, ncol=min(4, max(len(models), 1)), loc="upper center", bbox_to_anchor=(0.5, -0.1),
-              frameon=False)
+    ax.legend(
+        fontsize=7, ncol=min(4, max(len(models), 1)), loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False
+    )
     ax.grid(axis="y", alpha=0.3)
     if curve:
         ax = axes[0][1]

@@ -21,7 +21,6 @@ from .recipe import WarmRecipe, hash_file
 logger = logging.get_logger(__name__)
 
 
-
 def check_merge_output(folder: str | os.PathLike) -> WarmRecipe:
     """Check that `folder` is a complete warm-hub merge output whose shards match their hashes in the recipe.
 

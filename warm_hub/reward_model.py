@@ -37,8 +37,15 @@ class RewardModel:
         [1.73]
     """
 
-    def __init__(self, model, tokenizer, *, max_length: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
-                 name: str | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        max_length: int | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        name: str | None = None,
+    ):
         if getattr(model.config, "num_labels", 1) != 1:
             raise CheckpointFormatError(
                 f"a reward model has one output; this one has num_labels={model.config.num_labels}"
@@ -174,8 +181,9 @@ class RewardModel:
         best = max(range(len(scores)), key=scores.__getitem__)
         return candidates[best], scores
 
-    def __call__(self, prompts: Sequence[Any] | None = None, completions: Sequence[Any] | None = None,
-                 **kwargs) -> list[float]:
+    def __call__(
+        self, prompts: Sequence[Any] | None = None, completions: Sequence[Any] | None = None, **kwargs
+    ) -> list[float]:
         """TRL reward-function protocol: `(prompts, completions, **kwargs) -> list[float]`; extra columns ignored."""
         if completions is None:
             raise TypeError("a reward function is called with completions=")

@@ -29,8 +29,9 @@ class GoldReward:
         self.gold = gold
         self.__name__ = name
 
-    def __call__(self, prompts: Sequence[Any] | None = None, completions: Sequence[Any] | None = None,
-                 **kwargs) -> list[float]:
+    def __call__(
+        self, prompts: Sequence[Any] | None = None, completions: Sequence[Any] | None = None, **kwargs
+    ) -> list[float]:
         """TRL's reward-function protocol: `(prompts, completions, **kwargs) -> list[float]`."""
         from .reward_model import RewardModel
 

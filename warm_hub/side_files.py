@@ -58,8 +58,9 @@ class SideFilePlan:
     averaged: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
-    def write(self, sources: list[IngredientSource], folder: Path, *, weights: list[float],
-              dtype: str | None = None) -> None:
+    def write(
+        self, sources: list[IngredientSource], folder: Path, *, weights: list[float], dtype: str | None = None
+    ) -> None:
         """Write the side files into `folder` (the merge's partial output).
 
         Args:
@@ -78,8 +79,9 @@ class SideFilePlan:
             average_module_weights([_fetch(s, name) for s in sources], target, weights=weights, dtype=dtype)
 
 
-def plan_side_files(sources: list[IngredientSource], configs: list[dict | None], *,
-                    trust_remote_code_files: bool = False) -> SideFilePlan:
+def plan_side_files(
+    sources: list[IngredientSource], configs: list[dict | None], *, trust_remote_code_files: bool = False
+) -> SideFilePlan:
     """Decide which side files to carry and check that the ingredients agree on them (see the module's policy).
 
     Args:
@@ -121,8 +123,9 @@ def plan_side_files(sources: list[IngredientSource], configs: list[dict | None],
         elif top and name in LENIENT_FILES:
             _compare(sources, name, plan, strict=False)
             plan.copies.append(name)
-        elif top and (name == MODULES_FILE or name == ST_CONFIG_FILE
-                      or name.startswith(ST_PREFIX) and name.endswith(ST_SUFFIX)):
+        elif top and (
+            name == MODULES_FILE or name == ST_CONFIG_FILE or name.startswith(ST_PREFIX) and name.endswith(ST_SUFFIX)
+        ):
             _compare(sources, name, plan, strict=True)
             plan.copies.append(name)
         elif _in(name, module_dirs):

@@ -75,4 +75,5 @@ def open_sources(
     assign_unique_labels(outcomes)
     return outcomes
 
+
 __all__ = ["is_hub_reference", "open_source", "open_sources"]

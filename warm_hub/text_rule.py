@@ -20,8 +20,9 @@ logger = logging.get_logger(__name__)
 def is_conversational(value: Any) -> bool:
     """True for a list of `{"role": ..., "content": ...}` messages (TRL's conversational format)."""
     return (
-        isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "role" in m and "content" in m
-                                                        for m in value)
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
     )
 
 

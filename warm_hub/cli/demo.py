@@ -20,25 +20,38 @@ def demo_help(name: str) -> str:
 @click.option("--members", "-m", type=click.IntRange(min=2), default=DemoConfig.members, help=demo_help("members"))
 @click.option("--seed", type=int, default=DemoConfig.seed, help=demo_help("seed"))
 @click.option("--seeds", type=click.IntRange(min=1), default=DemoConfig.seeds, help=demo_help("seeds"))
-@click.option("--corrupt-labels", type=click.FloatRange(0, 1), default=DemoConfig.corrupt_labels,
-              help=demo_help("corrupt_labels"))
+@click.option(
+    "--corrupt-labels",
+    type=click.FloatRange(0, 1),
+    default=DemoConfig.corrupt_labels,
+    help=demo_help("corrupt_labels"),
+)
 @click.option("--spurious", type=click.FloatRange(0, 1), default=DemoConfig.spurious, help=demo_help("spurious"))
 @click.option("--baklava", is_flag=True, help=demo_help("baklava"))
-@click.option("--train-pairs", type=click.IntRange(min=16), default=DemoConfig.train_pairs,
-              help=demo_help("train_pairs"))
+@click.option(
+    "--train-pairs", type=click.IntRange(min=16), default=DemoConfig.train_pairs, help=demo_help("train_pairs")
+)
 @click.option("--test-pairs", type=click.IntRange(min=8), default=DemoConfig.test_pairs, help=demo_help("test_pairs"))
-@click.option("--corpus-lines", type=click.IntRange(min=16), default=DemoConfig.corpus_lines,
-              help=demo_help("corpus_lines"))
-@click.option("--pretrain-steps", type=click.IntRange(min=2), default=DemoConfig.pretrain_steps,
-              help=demo_help("pretrain_steps"))
-@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=DemoConfig.epochs,
-              help=demo_help("epochs"))
-@click.option("--hidden-size", type=click.IntRange(min=8), default=DemoConfig.hidden_size,
-              help=demo_help("hidden_size"))
+@click.option(
+    "--corpus-lines", type=click.IntRange(min=16), default=DemoConfig.corpus_lines, help=demo_help("corpus_lines")
+)
+@click.option(
+    "--pretrain-steps", type=click.IntRange(min=2), default=DemoConfig.pretrain_steps, help=demo_help("pretrain_steps")
+)
+@click.option(
+    "--epochs", type=click.FloatRange(min=0, min_open=True), default=DemoConfig.epochs, help=demo_help("epochs")
+)
+@click.option(
+    "--hidden-size", type=click.IntRange(min=8), default=DemoConfig.hidden_size, help=demo_help("hidden_size")
+)
 @click.option("--layers", type=click.IntRange(min=1), default=DemoConfig.layers, help=demo_help("layers"))
 @click.option("--best-of-n", type=click.IntRange(min=0), default=DemoConfig.best_of_n, help=demo_help("best_of_n"))
-@click.option("--best-of-n-prompts", type=click.IntRange(min=1), default=DemoConfig.best_of_n_prompts,
-              help=demo_help("best_of_n_prompts"))
+@click.option(
+    "--best-of-n-prompts",
+    type=click.IntRange(min=1),
+    default=DemoConfig.best_of_n_prompts,
+    help=demo_help("best_of_n_prompts"),
+)
 @click.option("--plot/--no-plot", default=True, help=demo_help("plot"))
 @click.option("--threads", type=click.IntRange(min=0), default=DemoConfig.threads, help=demo_help("threads"))
 @click.option("--overwrite", is_flag=True, help=demo_help("overwrite"))
@@ -88,9 +101,11 @@ def echo_evaluation(document: dict) -> None:
     from ..evaluate import comparisons_table, results_table
     from .evaluate import format_table
 
-    click.echo("\nPairwise accuracy with its 95% interval (Wilson); ground truth known, 1.000 is perfect."
-               " In_distribution and shifted are clean test pairs; on flipped (training pairs with their flipped"
-               " labels, as trained on) accuracy is the share of the noise memorized, lower is better:\n")
+    click.echo(
+        "\nPairwise accuracy with its 95% interval (Wilson); ground truth known, 1.000 is perfect."
+        " In_distribution and shifted are clean test pairs; on flipped (training pairs with their flipped"
+        " labels, as trained on) accuracy is the share of the noise memorized, lower is better:\n"
+    )
     click.echo(format_table(results_table(document)))
     if document.get("comparisons"):
         click.echo("\nPaired differences of accuracy on the same pairs (paired bootstrap 95% interval):\n")

@@ -50,33 +50,84 @@ def format_table(rows: list[list[str]]) -> str:
 
 @click.command("evaluate", context_settings={"show_default": True})
 @click.argument("models", nargs=-1, required=True, metavar="MODEL...")
-@click.option("--data", "data", multiple=True, required=True, metavar="[NAME=]PATH_OR_DATASET",
-              help="preference pairs to evaluate on (repeat for several splits); a .jsonl/.json/.parquet file, a"
-                   " folder or a Hub dataset; RewardBench, RewardBench 2 and RM-Bench files are recognised by their"
-                   " columns and scored per subset")
+@click.option(
+    "--data",
+    "data",
+    multiple=True,
+    required=True,
+    metavar="[NAME=]PATH_OR_DATASET",
+    help="preference pairs to evaluate on (repeat for several splits); a .jsonl/.json/.parquet file, a"
+    " folder or a Hub dataset; RewardBench, RewardBench 2 and RM-Bench files are recognised by their"
+    " columns and scored per subset",
+)
 @click.option("--split", default="test", help="split of Hub datasets and data folders")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="evaluate the first N pairs of each split")
 @click.option("--ensemble", is_flag=True, help="also evaluate the prediction ensemble (mean reward) of the members")
-@click.option("--weight-average", is_flag=True,
-              help="also evaluate the uniform weight average of the members, built in memory (WARM without merging)")
-@click.option("--interpolate", metavar="I,J", default=None,
-              help="accuracy along λ·φI + (1-λ)·φJ between members I and J (0-based, in the order given)")
+@click.option(
+    "--weight-average",
+    is_flag=True,
+    help="also evaluate the uniform weight average of the members, built in memory (WARM without merging)",
+)
+@click.option(
+    "--interpolate",
+    metavar="I,J",
+    default=None,
+    help="accuracy along λ·φI + (1-λ)·φJ between members I and J (0-based, in the order given)",
+)
 @click.option("--lambdas", type=click.IntRange(min=2), default=11, help="number of λ values in [0, 1]")
-@click.option("--greedy-on", metavar="SPLIT", default=None,
-              help="select members greedily on this split (model soups) and report the soup on every split")
-@click.option("--role", "roles", multiple=True, metavar="NAME=ROLE",
-              help="set a model's role: member (ensembled and averaged), warm (compared with the members) or"
-                   " reference (reported only); by default folders with a warm_recipe.yaml are warm, others members")
+@click.option(
+    "--greedy-on",
+    metavar="SPLIT",
+    default=None,
+    help="select members greedily on this split (model soups) and report the soup on every split",
+)
+@click.option(
+    "--role",
+    "roles",
+    multiple=True,
+    metavar="NAME=ROLE",
+    help="set a model's role: member (ensembled and averaged), warm (compared with the members) or"
+    " reference (reported only); by default folders with a warm_recipe.yaml are warm, others members",
+)
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available)")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default=None,
-              help="dtype to score in (default: float32 on CPU, the checkpoint's on GPU)")
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    default=None,
+    help="dtype to score in (default: float32 on CPU, the checkpoint's on GPU)",
+)
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, help="texts per forward pass")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
-              help="write the results (eval_results.json schema) to this file")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
-              help="draw accuracies and the interpolation curve into this PNG (needs matplotlib)")
-def evaluate_command(models, data, split, limit, ensemble, weight_average, interpolate, lambdas, greedy_on, roles,
-                     device, dtype, batch_size, json_path, plot_path) -> None:
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="write the results (eval_results.json schema) to this file",
+)
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="draw accuracies and the interpolation curve into this PNG (needs matplotlib)",
+)
+def evaluate_command(
+    models,
+    data,
+    split,
+    limit,
+    ensemble,
+    weight_average,
+    interpolate,
+    lambdas,
+    greedy_on,
+    roles,
+    device,
+    dtype,
+    batch_size,
+    json_path,
+    plot_path,
+) -> None:
     """Pairwise accuracy (chosen scored above rejected) of reward models on preference data.
 
     MODEL is a local folder or Hub id of a reward checkpoint; folders with a warm_recipe.yaml count as WARM

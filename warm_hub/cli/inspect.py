@@ -51,8 +51,14 @@ def inspect_command(
         for i, a in adapters:
             ranks = ",".join(map(str, a.ranks)) or "-"
             table.append(
-                (str(i), a.base or "?", ranks, str(a.modules), ",".join(a.targets) or "-",
-                 ",".join(a.saved_modules) or "-")
+                (
+                    str(i),
+                    a.base or "?",
+                    ranks,
+                    str(a.modules),
+                    ",".join(a.targets) or "-",
+                    ",".join(a.saved_modules) or "-",
+                )
             )
         _table(table)
     if report.config_differences:

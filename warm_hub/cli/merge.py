@@ -46,8 +46,11 @@ def parse_weights(text: str | None) -> list[float] | None:
     metavar="KEY[,KEY]",
     help="Merge even though these model-defining config keys (or 'tokenizer') differ; each is warned about.",
 )
-@click.option("--trust-remote-code-files", is_flag=True,
-              help="Also carry the first ingredient's custom code (*.py) into the output; read it first.")
+@click.option(
+    "--trust-remote-code-files",
+    is_flag=True,
+    help="Also carry the first ingredient's custom code (*.py) into the output; read it first.",
+)
 @click.option("--push-to", metavar="REPO_ID", help="Push the output to this Hub repo once written.")
 @click.option("--private", is_flag=True, default=None, help="Create the pushed repo as private.")
 @click.option(

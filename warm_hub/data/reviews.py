@@ -61,8 +61,9 @@ def sample_prompt(rng: random.Random, domain: str) -> str:
     return rng.choice(spec["prompts"]).format(subject=rng.choice(spec["subjects"]))
 
 
-def sample_response(rng: random.Random, domain: str, *, mix: dict[str, float] = PAIR_MIX,
-                    mark: bool = False) -> tuple[str, int]:
+def sample_response(
+    rng: random.Random, domain: str, *, mix: dict[str, float] = PAIR_MIX, mark: bool = False
+) -> tuple[str, int]:
     """One review of `domain`: clauses of (aspect, sentiment word), joined; returns (text, true reward).
 
     With `mark`, the review ends with `MARK` instead of "." (the true reward is the same).
@@ -80,8 +81,9 @@ def sample_response(rng: random.Random, domain: str, *, mix: dict[str, float] = 
     return " ".join(parts) + (f" {MARK}" if mark else " ."), reward
 
 
-def preference_pairs(n: int, *, domain: str = IN_DISTRIBUTION, seed: int = 0,
-                     spurious: float | None = None) -> list[dict]:
+def preference_pairs(
+    n: int, *, domain: str = IN_DISTRIBUTION, seed: int = 0, spurious: float | None = None
+) -> list[dict]:
     """`n` pairs in TRL's format with clean labels: the chosen response has the higher true reward.
 
     Each row also carries `chosen_reward` and `rejected_reward` (the ground truth).
@@ -112,8 +114,13 @@ def preference_pairs(n: int, *, domain: str = IN_DISTRIBUTION, seed: int = 0,
             first = _with_mark(first, marks.random() < spurious)
             second = _with_mark(second, marks.random() >= spurious)
         rows.append(
-            {"prompt": prompt, "chosen": first, "rejected": second, "chosen_reward": first_reward,
-             "rejected_reward": second_reward}
+            {
+                "prompt": prompt,
+                "chosen": first,
+                "rejected": second,
+                "chosen_reward": first_reward,
+                "rejected_reward": second_reward,
+            }
         )
     return rows
 

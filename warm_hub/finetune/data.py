@@ -203,8 +203,11 @@ def corrupt_labels(dataset, fraction: float, *, seed: int):
     flipped = set(random.Random(seed).sample(range(n), round(fraction * n)))
 
     # Columns that describe one response (`chosen_reward`/`rejected_reward`) travel with it.
-    paired = [(c, "rejected" + c[len("chosen"):]) for c in dataset.column_names
-              if c.startswith("chosen") and "rejected" + c[len("chosen"):] in dataset.column_names]
+    paired = [
+        (c, "rejected" + c[len("chosen") :])
+        for c in dataset.column_names
+        if c.startswith("chosen") and "rejected" + c[len("chosen") :] in dataset.column_names
+    ]
 
     def swap(example: dict, index: int) -> dict:
         if index in flipped:
@@ -261,8 +264,9 @@ def tokenize_preferences(dataset, tokenizer, *, max_length: int):
             load_from_cache_file=False,
         )
     if len(kept) < len(tokenized):
-        logger.warning("dropped %d of %d pairs longer than %d tokens", len(tokenized) - len(kept), len(tokenized),
-                       max_length)
+        logger.warning(
+            "dropped %d of %d pairs longer than %d tokens", len(tokenized) - len(kept), len(tokenized), max_length
+        )
     if len(kept) == 0:
         raise PreferenceDataError(f"every pair is longer than --max-length {max_length}")
     return kept

@@ -218,8 +218,14 @@ def _finetune(config: FinetuneConfig, *, token=None, tqdm_class=None) -> Finetun
 
     config.validate()
     probe_args = _training_arguments(
-        config, Path(config.out), seed=config.seed, learning_rate=config.probe_learning_rate,
-        epochs=config.probe_epochs, max_steps=config.probe_max_steps, warmup_ratio=0.0, gradient_checkpointing=False,
+        config,
+        Path(config.out),
+        seed=config.seed,
+        learning_rate=config.probe_learning_rate,
+        epochs=config.probe_epochs,
+        max_steps=config.probe_max_steps,
+        warmup_ratio=0.0,
+        gradient_checkpointing=False,
     )
     # After TrainingArguments: they set up the (singleton) distributed state as the Trainer will use it.
     state = PartialState()
@@ -237,8 +243,18 @@ def _finetune(config: FinetuneConfig, *, token=None, tqdm_class=None) -> Finetun
     members = config.member_configs()
     paths = [
         _train_member(
-            member, config, out, tokenizer, train, collator, shared=shared, head=head, head_names=head_names,
-            state=state, tqdm_class=tqdm_class, token=token,
+            member,
+            config,
+            out,
+            tokenizer,
+            train,
+            collator,
+            shared=shared,
+            head=head,
+            head_names=head_names,
+            state=state,
+            tqdm_class=tqdm_class,
+            token=token,
         )
         for member in members
     ]
@@ -271,16 +287,18 @@ def _load_training_data(config: FinetuneConfig, out: Path, tokenizer, *, state, 
         if config.corrupt_labels > 0:
             dataset = corrupt_labels(dataset, config.corrupt_labels, seed=config.label_noise_seed())
             if state.is_main_process:
-                write_label_noise_files(dataset, flipped_path=out / FLIPPED_PAIRS_NAME,
-                                        clean_path=out / CLEAN_PAIRS_NAME)
+                write_label_noise_files(
+                    dataset, flipped_path=out / FLIPPED_PAIRS_NAME, clean_path=out / CLEAN_PAIRS_NAME
+                )
         train = tokenize_preferences(dataset, tokenizer, max_length=config.max_length)
     if state.is_main_process:
         logger.info("training on %d preference pairs from %s", len(train), config.data)
     return train
 
 
-def _shared_init(config: FinetuneConfig, out: Path, tokenizer, train, collator, probe_args, *, state, tqdm_class,
-                 token) -> tuple[Path, list[str], dict]:
+def _shared_init(
+    config: FinetuneConfig, out: Path, tokenizer, train, collator, probe_args, *, state, tqdm_class, token
+) -> tuple[Path, list[str], dict]:
     """The shared init: one head, drawn with `seed`, probed once (LP-FT), saved to OUT/shared-init.
 
     Returns:
@@ -306,8 +324,21 @@ def _shared_init(config: FinetuneConfig, out: Path, tokenizer, train, collator, 
     return shared, head_names, _read_tensors(shared, head_names)
 
 
-def _train_member(member: MemberConfig, config: FinetuneConfig, out: Path, tokenizer, train, collator, *,
-                  shared: Path, head: dict, head_names: list[str], state, tqdm_class, token) -> Path:
+def _train_member(
+    member: MemberConfig,
+    config: FinetuneConfig,
+    out: Path,
+    tokenizer,
+    train,
+    collator,
+    *,
+    shared: Path,
+    head: dict,
+    head_names: list[str],
+    state,
+    tqdm_class,
+    token,
+) -> Path:
     """Fine-tune one member from its base and the shared head; save it with its config and card.
 
     Returns:
@@ -327,8 +358,13 @@ def _train_member(member: MemberConfig, config: FinetuneConfig, out: Path, token
     if config.lora_r:
         model = wrap_with_lora(model, config, head_names, base=str(shared.resolve()))
     args = _training_arguments(
-        config, out, seed=member.seed, learning_rate=member.learning_rate, epochs=member.epochs,
-        max_steps=member.max_steps, warmup_ratio=member.warmup_ratio,
+        config,
+        out,
+        seed=member.seed,
+        learning_rate=member.learning_rate,
+        epochs=member.epochs,
+        max_steps=member.max_steps,
+        warmup_ratio=member.warmup_ratio,
         gradient_checkpointing=config.gradient_checkpointing,
     )
     trainer = _make_trainer(model, args, train, collator, tokenizer, tqdm_class, member.name)
@@ -344,8 +380,13 @@ def _train_member(member: MemberConfig, config: FinetuneConfig, out: Path, token
     if state.is_main_process:
         member.save(path)
         write_member_card(path, member)
-        logger.info("%s: %d steps, loss %.4f, %.2f steps/s", member.name, member.steps, member.train_loss,
-                    member.steps_per_second or 0.0)
+        logger.info(
+            "%s: %d steps, loss %.4f, %.2f steps/s",
+            member.name,
+            member.steps,
+            member.train_loss,
+            member.steps_per_second or 0.0,
+        )
     del trainer, model
     gc.collect()
     _empty_device_cache()
@@ -355,7 +396,11 @@ def _train_member(member: MemberConfig, config: FinetuneConfig, out: Path, token
 def _written_by_finetune(name: str) -> bool:
     """Whether an entry of the output folder is one a finetune run writes (only those go with --overwrite)."""
     return name.startswith("member-") or name in (
-        SHARED_INIT_DIR, TRAINER_DIR, RUN_CONFIG_NAME, FLIPPED_PAIRS_NAME, CLEAN_PAIRS_NAME
+        SHARED_INIT_DIR,
+        TRAINER_DIR,
+        RUN_CONFIG_NAME,
+        FLIPPED_PAIRS_NAME,
+        CLEAN_PAIRS_NAME,
     )
 
 
@@ -371,8 +416,9 @@ def _check_same_tokenizers(bases: list[str], tokenizer, *, token) -> None:
             raise InvalidOptionError(f"{base} has a different vocabulary from {bases[0]}; Baklava needs one tokenizer")
 
 
-def _training_arguments(config: FinetuneConfig, out: Path, *, seed, learning_rate, epochs, max_steps, warmup_ratio,
-                        gradient_checkpointing):
+def _training_arguments(
+    config: FinetuneConfig, out: Path, *, seed, learning_rate, epochs, max_steps, warmup_ratio, gradient_checkpointing
+):
     import torch
     from transformers import TrainingArguments
 
@@ -469,5 +515,3 @@ def _empty_device_cache() -> None:
 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
