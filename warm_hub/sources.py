@@ -270,20 +270,26 @@ class LocalSource(IngredientSource):
             if offset + length > len(mapped):
                 raise CheckpointFormatError(f"{self.path}/{name}: file is shorter than its header says (truncated?)")
             self._check_size(name, mapped, offset + length)
+            advise = None
             if offset + length > entry.advised:
                 # Read ahead a window at a time (a cold page cache reads in big requests, not fault by fault);
                 # one call per window, as each madvise costs more than a chunk's worth of work on a cached file.
                 start = offset - offset % mmap.PAGESIZE
                 end = min(len(mapped), max(offset + length, start + READAHEAD_WINDOW))
-                mapped.madvise(mmap.MADV_WILLNEED, start, end - start)
-                entry.advised = end
-            return memoryview(mapped)[offset : offset + length]
+                advise, entry.advised = (start, end - start), end
+            view = memoryview(mapped)[offset : offset + length]
+        if advise is not None:
+            # Outside the lock: read-ahead of a cold window takes a while, and the averaging thread's size check
+            # and the page releases must not wait for it. The view keeps the map open.
+            mapped.madvise(mmap.MADV_WILLNEED, *advise)
+        return view
 
     def check_mapped(self, name: str, offset: int, length: int) -> None:
-        with self._lock:
-            entry = self._open.get(name)
-            if entry is not None and entry.map is not None:
-                self._check_size(name, entry.map, offset + length)
+        # No lock: a dict read is atomic, and a map with a view alive cannot be closed under us.
+        entry = self._open.get(name)
+        mapped = entry.map if entry is not None else None
+        if mapped is not None:
+            self._check_size(name, mapped, offset + length)
 
     def _check_size(self, name: str, mapped: mmap.mmap, end: int) -> None:
         # Touching a mapped page past the end of a file shortened since it was mapped kills the process with
@@ -297,13 +303,15 @@ class LocalSource(IngredientSource):
             )
 
     def release(self, name: str, offset: int, length: int) -> None:
-        with self._lock:
-            entry = self._open.get(name)
-            mapped = entry.map if entry is not None else None
-            if mapped is None or length == 0:
-                return
-            start = offset - offset % mmap.PAGESIZE
+        entry = self._open.get(name)
+        mapped = entry.map if entry is not None else None
+        if mapped is None or length == 0:
+            return
+        start = offset - offset % mmap.PAGESIZE
+        try:
             mapped.madvise(mmap.MADV_DONTNEED, start, offset + length - start)
+        except ValueError:
+            pass  # closed meanwhile (its file evicted): its pages left with it
 
     def fetch(self, name: str) -> Path | None:
         path = self._resolve(name)
