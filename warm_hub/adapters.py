@@ -7,12 +7,11 @@ reward model's `score` head). PEFT is never imported here: only `adapter_config.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
 
-from .checkpoint import read_header
+from .checkpoint import read_header, read_json
 from .constants import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from .errors import CheckpointFormatError, PickleCheckpointError, UnsupportedAdapterError
 from .safetensors_io import TensorInfo, is_floating
@@ -200,13 +199,7 @@ def _strip_prefix(name: str) -> str:
 
 
 def _read_config(source: IngredientSource) -> dict:
-    size = source.file_size(ADAPTER_CONFIG)
-    if size > MAX_ADAPTER_CONFIG_BYTES:
-        raise CheckpointFormatError(f"{source.label}: {ADAPTER_CONFIG} is {size} bytes, over the sane limit")
-    try:
-        config = json.loads(source.read_bytes(ADAPTER_CONFIG, 0, size).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise CheckpointFormatError(f"{source.label}: {ADAPTER_CONFIG} is not valid JSON") from None
+    config = read_json(source, ADAPTER_CONFIG, limit=MAX_ADAPTER_CONFIG_BYTES)
     if not isinstance(config, dict):
         raise CheckpointFormatError(f"{source.label}: {ADAPTER_CONFIG} is not a JSON object")
     return config

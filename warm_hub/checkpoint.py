@@ -127,14 +127,23 @@ def _check_inside(source: IngredientSource, file: str, *, what: str) -> None:
         raise CheckpointFormatError(f"{source.label}: {what} names {file!r}, outside the checkpoint folder")
 
 
-def _read_index(source: IngredientSource, name: str) -> dict[str, str]:
+def read_json(source: IngredientSource, name: str, *, limit: int) -> object:
+    """A small JSON file of a checkpoint (index, adapter config), read whole after checking its size.
+
+    Raises:
+        CheckpointFormatError: larger than `limit` bytes, or not valid UTF-8 JSON.
+    """
     size = source.file_size(name)
-    if size > MAX_INDEX_BYTES:
+    if size > limit:
         raise CheckpointFormatError(f"{source.label}: {name} is {size} bytes, over the sane limit")
     try:
-        index = json.loads(source.read_bytes(name, 0, size).decode("utf-8"))
+        return json.loads(source.read_bytes(name, 0, size).decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise CheckpointFormatError(f"{source.label}: {name} is not valid JSON") from None
+
+
+def _read_index(source: IngredientSource, name: str) -> dict[str, str]:
+    index = read_json(source, name, limit=MAX_INDEX_BYTES)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointFormatError(f"{source.label}: {name} has no weight_map")
