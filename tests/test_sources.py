@@ -97,8 +97,8 @@ TRUNCATE = textwrap.dedent(
     from warm_hub.sources import LocalSource
 
     class Shrinking(LocalSource):
-        # Truncates its weights file at the third window, before it is handed out; or after handing out the
-        # last window (in flight: no later window would notice).
+        # Truncates its weights file at the third window, before it is handed out; or at the last window's start
+        # right after handing it out (in flight: no later window would notice, only the check before averaging).
         calls = 0
 
         def map_view(self, name, offset, length):
@@ -107,7 +107,9 @@ TRUNCATE = textwrap.dedent(
                 os.truncate(self.root / name, offset)
             view = super().map_view(name, offset, length)
             if sys.argv[3] == "after" and length > 1 and offset + length == os.path.getsize(self.root / name):
-                os.truncate(self.root / name, 4096)
+                # Cut at this window's start: chunks still being averaged lie before it (a truncation under
+                # them is the one case the checks cannot see, and would make this test a race).
+                os.truncate(self.root / name, offset)
             return view
 
     merge([sys.argv[1], Shrinking(sys.argv[2])], sys.argv[4], max_memory="2MB", dtype="float32", device="cpu")
