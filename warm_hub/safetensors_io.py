@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 
 from .errors import CheckpointFormatError
@@ -19,6 +20,8 @@ MAX_HEADER_BYTES = 100_000_000
 MAX_COUNT = 2**64 - 1
 # serde_json's recursion limit: 128 levels refused, 127 read.
 MAX_JSON_DEPTH = 127
+# A lone surrogate can only come from a `\uD800`..`\uDFFF` escape: strict UTF-8 decoding refuses encoded ones.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 HEADER_ALIGNMENT = 8
 
 # safetensors dtype code -> (torch dtype name, bytes per element, is floating point)
@@ -233,14 +236,18 @@ def _load_json(raw: bytes, *, file: str) -> object:
             parse_float=_finite_float,
             parse_int=_json_int,
         )
-        _check_strings_and_depth(value)
+        _check_strings_and_depth(value, strings=_SURROGATE_ESCAPE.search(raw) is not None)
     except (UnicodeError, ValueError, RecursionError, OverflowError) as exc:
         raise CheckpointFormatError(f"{file}: header is not valid JSON ({type(exc).__name__})") from None
     return value
 
 
-def _check_strings_and_depth(value: object) -> None:
-    """Python's json accepts lone surrogate escapes and any nesting; serde_json refuses both (its depth limit)."""
+def _check_strings_and_depth(value: object, *, strings: bool) -> None:
+    """Python's json accepts lone surrogate escapes and any nesting; serde_json refuses both (its depth limit).
+
+    `strings`: check every string (the header has an escape that may be a surrogate); else only the nesting,
+    walking containers alone (a header of 10,000 tensors holds some 50,000 strings).
+    """
     stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()
@@ -249,11 +256,13 @@ def _check_strings_and_depth(value: object) -> None:
         elif isinstance(item, (dict, list)):
             if depth > MAX_JSON_DEPTH:
                 raise ValueError("recursion limit exceeded")
-            if isinstance(item, dict):
-                stack.extend((key, depth) for key in item)
-                stack.extend((v, depth + 1) for v in item.values())
+            values = item.values() if isinstance(item, dict) else item
+            if strings:
+                if isinstance(item, dict):
+                    stack.extend((key, depth) for key in item)
+                stack.extend((v, depth + 1) for v in values)
             else:
-                stack.extend((v, depth + 1) for v in item)
+                stack.extend((v, depth + 1) for v in values if isinstance(v, (dict, list)))
 
 
 def _parse_entry(name: str, entry: object, *, file: str, data_start: int) -> TensorInfo:
