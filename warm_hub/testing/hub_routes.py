@@ -59,6 +59,10 @@ class _Reply(Exception):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # TCP_NODELAY, as real servers set it: the head and the body of an answer go out as two writes, and with
+    # Nagle's algorithm the body of every small answer on a reused connection waited for the client's delayed
+    # ACK (40 ms on Linux), so a small file took 45 ms on loopback instead of about 1 ms.
+    disable_nagle_algorithm = True
     server: HubHTTPServer
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - stdlib signature
