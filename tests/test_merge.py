@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import warm_hub
-from warm_hub.errors import IncompatibleCheckpointsError
+from warm_hub.errors import IncompatibleCheckpointsError, NonFiniteWeightsError
 from warm_hub.testing.checkpoints import load_tensors, make_members, perturb, save_checkpoint, tiny_model
 
 INPUT_IDS = torch.tensor([[2, 10, 11, 12, 13, 3], [2, 20, 21, 3, 0, 0]])
@@ -231,3 +231,112 @@ def test_mismatched_architectures_are_refused(tmp_path):
     b = save_checkpoint(tiny_model("gpt2"), tmp_path / "b")
     with pytest.raises(IncompatibleCheckpointsError):
         warm_hub.merge([a, b], tmp_path / "out")
+
+
+# ---- runs of small tensors: one chunk each ---------------------------------------------------------------------
+
+
+def _raw_layout(folder: Path, tensors: dict[str, torch.Tensor], order: list[str]) -> Path:
+    """A checkpoint whose file stores `tensors` in `order` (safetensors' own writer always sorts them)."""
+    from warm_hub.safetensors_io import build_header, dtype_code
+
+    folder.mkdir()
+    entries = [(name, dtype_code(tensors[name].dtype), tuple(tensors[name].shape)) for name in order]
+    with open(folder / "model.safetensors", "wb") as f:
+        f.write(build_header(entries, metadata={"format": "pt"}))
+        for name in order:
+            f.write(tensors[name].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    (folder / "config.json").write_text('{"model_type": "raw"}')
+    return folder
+
+
+def _small_tensors(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    tensors = {f"layers.{i}.weight": torch.randn(37 + i, generator=g).to(torch.bfloat16) for i in range(12)}
+    tensors["big.weight"] = torch.randn(10_000, generator=g).to(torch.bfloat16)  # three chunks of 4096
+    tensors["layers.3.scale"] = torch.randn(5, generator=g)
+    tensors["layers.7.scale"] = torch.randn(3, 2, generator=g)
+    tensors["position_ids"] = torch.arange(7)
+    return tensors
+
+
+# The order a merge writes (widest dtype first, then natural order), and safetensors' (plain text order).
+OUTPUT_ORDER = ["position_ids", "layers.3.scale", "layers.7.scale", "big.weight"] + [
+    f"layers.{i}.weight" for i in range(12)
+]
+TEXT_ORDER = OUTPUT_ORDER[:4] + sorted(OUTPUT_ORDER[4:])
+
+
+def _items_of(monkeypatch) -> list:
+    """The work items of every merge run from here on (the last merge's are `items[-1]`)."""
+    from warm_hub import engine
+
+    runs, original = [], engine.work_items
+    monkeypatch.setattr(engine, "work_items", lambda plan, chunk: runs.append(original(plan, chunk)) or runs[-1])
+    return runs
+
+
+def _pieces(item) -> list[str]:
+    return [tensor.name for tensor, _, _ in item.pieces()]
+
+
+def test_runs_of_small_tensors_are_averaged_as_one_chunk(tmp_path, monkeypatch):
+    from warm_hub import engine
+
+    runs = _items_of(monkeypatch)
+    members = [_small_tensors(seed) for seed in range(3)]
+    a, b = (_raw_layout(tmp_path / n, m, OUTPUT_ORDER) for n, m in zip("ab", members, strict=False))
+    c = _raw_layout(tmp_path / "c", members[2], TEXT_ORDER)
+
+    grouped = warm_hub.merge([a, b], tmp_path / "ab", max_memory="430KB")
+    assert [_pieces(item) for item in runs[-1]] == [
+        ["position_ids"],  # copied, never grouped
+        ["layers.3.scale", "layers.7.scale"],  # F32, then the BF16 run
+        ["big.weight"],
+        ["big.weight"],
+        ["big.weight"],
+        [f"layers.{i}.weight" for i in range(12)],
+    ]
+    assert [item.count for item in runs[-1][2:5]] == [4096, 4096, 10_000 - 8192]
+    assert_matches_reference(load_tensors(grouped.out), members[:2], [0.5, 0.5])
+
+    # An ingredient stored in another order: a run ends wherever it stops being contiguous in some file.
+    mixed = warm_hub.merge([a, c], tmp_path / "ac", max_memory="430KB")
+    assert [_pieces(item) for item in runs[-1][5:]] == [
+        ["layers.0.weight", "layers.1.weight"],
+        [f"layers.{i}.weight" for i in range(2, 10)],
+        ["layers.10.weight", "layers.11.weight"],
+    ]
+    assert_matches_reference(load_tensors(mixed.out), [members[0], members[2]], [0.5, 0.5])
+
+    # The output keeps the first ingredient's order: two stored in text order (as safetensors writes them) make
+    # one run of all twelve, although `layers.10` comes before `layers.2` there.
+    d = _raw_layout(tmp_path / "d", members[1], TEXT_ORDER)
+    texts = warm_hub.merge([c, d], tmp_path / "cd", max_memory="430KB")
+    assert [_pieces(item) for item in runs[-1][5:]] == [TEXT_ORDER[4:]]
+    assert_matches_reference(load_tensors(texts.out), [members[2], members[1]], [0.5, 0.5])
+
+    # The same bytes as one tensor per chunk.
+    monkeypatch.setattr(engine, "_groupable", lambda tensor, chunk: False)
+    for name, pair in (("ab", [a, b]), ("ac", [a, c])):
+        alone = warm_hub.merge(pair, tmp_path / f"{name}-alone", max_memory="430KB")
+        assert all(len(item.pieces()) == 1 for item in runs[-1])
+        assert alone.shards == (grouped if name == "ab" else mixed).shards
+
+
+def test_a_non_finite_tensor_inside_a_group_is_the_one_named(tmp_path, monkeypatch, caplog):
+    runs = _items_of(monkeypatch)
+    clean = _small_tensors(0)
+    bad = _small_tensors(1)
+    bad["layers.5.weight"][2] = float("nan")
+    a = _raw_layout(tmp_path / "a", clean, OUTPUT_ORDER)
+    b = _raw_layout(tmp_path / "nan-one", bad, OUTPUT_ORDER)
+    with pytest.raises(NonFiniteWeightsError, match=r"'layers.5.weight' holds NaN or Inf values in nan-one"):
+        warm_hub.merge([a, b], tmp_path / "out", max_memory="430KB")
+    assert "layers.5.weight" in _pieces(runs[-1][-1]) and len(runs[-1][-1].pieces()) == 12
+
+    kept = load_tensors(warm_hub.merge([a, b], tmp_path / "kept", allow_non_finite=True, max_memory="430KB").out)
+    warnings = [r.getMessage() for r in caplog.records if "NaN or Inf" in r.getMessage()]
+    assert len(warnings) == 1 and "'layers.5.weight'" in warnings[0], warnings
+    assert kept["layers.5.weight"][2].isnan() and int(kept["layers.5.weight"].isnan().sum()) == 1
+    assert not any(kept[f"layers.{i}.weight"].isnan().any() for i in range(12) if i != 5)

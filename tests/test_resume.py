@@ -81,7 +81,7 @@ def test_resume_without_a_partial_is_a_fresh_merge(tmp_path):
 
 
 def test_a_journal_line_cut_by_a_crash_is_ignored(tmp_path):
-    (tmp_path / JOURNAL_NAME).write_text('{"fingerprint": "f", "chunk": 4096}\n3\n5\n1')
+    (tmp_path / JOURNAL_NAME).write_text('{"fingerprint": "f", "chunk": 4096, "items": 2}\n3\n5\n1')
     journal = ResumeJournal.load(tmp_path, fingerprint="f")
     assert journal.done() == {3, 5} and journal.chunk == 4096
     journal.close()
@@ -149,3 +149,21 @@ def test_an_input_replaced_in_place_is_not_resumed(tmp_path):
     assert partial.is_dir()
     fresh = warm_hub.merge(members[:2], out, max_memory="300KB")
     assert fresh.resumed_chunks == 0
+
+
+def test_a_journal_numbered_by_an_older_warm_hub_is_not_resumed(tmp_path):
+    """Before runs of small tensors were grouped, chunk numbers named other bytes: resuming would mix them."""
+    import json
+
+    members = make_members(tmp_path, count=2)
+    out = tmp_path / "out"
+    partial = interrupted_merge(members, out)
+    journal = partial / JOURNAL_NAME
+    head, rest = journal.read_text().split("\n", 1)
+    old = json.loads(head)
+    assert old.pop("items") == 2
+    journal.write_text(json.dumps(old) + "\n" + rest)
+    kept = snapshot(partial)
+    with pytest.raises(ResumeMismatchError, match="another version of warm-hub"):
+        warm_hub.merge(members, out, max_memory="300KB", resume=True)
+    assert snapshot(partial) == kept

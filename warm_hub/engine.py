@@ -57,12 +57,38 @@ _END = object()
 
 @dataclass(frozen=True)
 class WorkItem:
-    """A range of elements of one output tensor."""
+    """A range of elements of one output tensor, or a group of whole small tensors stored back to back.
+
+    A group's tensors follow each other in their output shard and in every ingredient's file, with the same
+    dtypes: its bytes are one range of each file, read, averaged and written as one chunk (one read per
+    ingredient, one kernel launch, one write), not one work item per tensor.
+    """
 
     index: int
-    tensor: OutputTensor
+    tensor: OutputTensor  # the tensor (a group's first)
     start: int
     count: int
+    members: tuple[OutputTensor, ...] = ()  # a group's tensors, in order; empty for a range of one tensor
+
+    def input_range(self, i: int) -> tuple[str, int, int]:
+        """(file, byte offset, byte count) of this item's input `i`."""
+        info = self.tensor.inputs[i]
+        size = itemsize(info.dtype)
+        return info.file, info.start + self.start * size, self.count * size
+
+    @property
+    def output_offset(self) -> int:
+        return self.tensor.offset + self.start * itemsize(self.tensor.dtype)
+
+    def pieces(self) -> list[tuple[OutputTensor, int, int]]:
+        """(tensor, first element within this item, element count) of each tensor this item covers."""
+        if not self.members:
+            return [(self.tensor, 0, self.count)]
+        pieces, at = [], 0
+        for tensor in self.members:
+            pieces.append((tensor, at, tensor.numel))
+            at += tensor.numel
+        return pieces
 
 
 def chunk_elements(plan: MergePlan, max_memory: int, *, mapped_cpu: bool = False) -> int:
@@ -73,9 +99,9 @@ def chunk_elements(plan: MergePlan, max_memory: int, *, mapped_cpu: bool = False
     Raises:
         InvalidOptionError: the budget cannot hold even the smallest useful chunk.
     """
-    per_element = sum(widest_inputs(plan)) + widest_output(plan)
+    inputs, output = widest_inputs(plan), widest_output(plan)
     # The writer needs one more output-sized buffer to re-read finished chunks on --resume.
-    per_element = per_element * PIPELINE_DEPTH + widest_output(plan)
+    per_element = (sum(inputs) + output) * PIPELINE_DEPTH + output
     if any(t.deltas for t in plan.tensors):
         per_element += LOW_RANK_SCRATCH_BYTES
     cap = MAX_CHUNK_ELEMENTS
@@ -119,24 +145,75 @@ def check_open_files(plan: MergePlan, sources: Sequence[IngredientSource]) -> No
 
 
 def work_items(plan: MergePlan, chunk: int) -> list[WorkItem]:
-    """Every chunk of the output, in file order (shard, then offset)."""
+    """Every chunk of the output, in file order (shard, then offset): tensors of `chunk` elements or more in
+    chunks, runs of smaller ones in groups of up to `chunk` elements (see `WorkItem`).
+
+    The items depend on the plan and the chunk size only (the resume journal numbers them; see
+    `journal.ITEM_NUMBERING`).
+    """
     items: list[WorkItem] = []
+    group: list[OutputTensor] = []
+    grouped = 0  # elements in `group`
+
+    def close_group() -> None:
+        if len(group) == 1:
+            items.append(WorkItem(len(items), group[0], 0, group[0].numel))
+        elif group:
+            items.append(WorkItem(len(items), group[0], 0, grouped, tuple(group)))
+        group.clear()
+
     for tensor in plan.tensors:
-        for start in range(0, tensor.numel, chunk):
-            items.append(WorkItem(len(items), tensor, start, min(chunk, tensor.numel - start)))
+        if tensor.numel == 0:
+            continue
+        if not _groupable(tensor, chunk):
+            close_group()
+            for start in range(0, tensor.numel, chunk):
+                items.append(WorkItem(len(items), tensor, start, min(chunk, tensor.numel - start)))
+            continue
+        if group and not _follows(group[-1], tensor, grouped + tensor.numel, chunk):
+            close_group()
+        if not group:
+            grouped = 0
+        group.append(tensor)
+        grouped += tensor.numel
+    close_group()
     return items
+
+
+def _groupable(tensor: OutputTensor, chunk: int) -> bool:
+    """Whether a tensor can share a work item: a plain average (no adapter terms) smaller than a chunk."""
+    return (
+        tensor.numel < chunk
+        and tensor.average
+        and tensor.sources is None
+        and tensor.weights is None
+        and not tensor.deltas
+    )
+
+
+def _follows(previous: OutputTensor, tensor: OutputTensor, total: int, chunk: int) -> bool:
+    """Whether `tensor` continues `previous`'s group: right after it in the output and in every input file."""
+    if total > chunk or tensor.shard != previous.shard or tensor.dtype != previous.dtype:
+        return False
+    if tensor.offset != previous.offset + previous.nbytes:
+        return False
+    return all(
+        now.file == before.file and now.dtype == before.dtype and now.start == before.end
+        for now, before in zip(tensor.inputs, previous.inputs, strict=True)
+    )
 
 
 class _Slot:
     """One set of chunk buffers: an input buffer per ingredient that cannot be memory-mapped, and an output."""
 
-    def __init__(self, key: int, plan: MergePlan, chunk: int, pin: bool, mapped: list[bool]) -> None:
+    def __init__(self, key: int, widths: list[int], width: int, chunk: int, pin: bool, mapped: list[bool]) -> None:
+        """`widths`: bytes per element of each source's widest input; `width`: of the widest output."""
         self.key = key
         self.inputs = [
             None if is_mapped else torch.empty(chunk * w, dtype=torch.uint8, pin_memory=pin)
-            for w, is_mapped in zip(widest_inputs(plan), mapped, strict=True)
+            for w, is_mapped in zip(widths, mapped, strict=True)
         ]
-        self.output = torch.empty(chunk * widest_output(plan), dtype=torch.uint8, pin_memory=pin)
+        self.output = torch.empty(chunk * width, dtype=torch.uint8, pin_memory=pin)
         # Set by the CUDA stage: when the output is ready, and whether a value of it is NaN/Inf (nonzero).
         self.ready_event = None
         self.nonfinite = torch.zeros(1, dtype=torch.int32, pin_memory=pin)
@@ -273,13 +350,12 @@ class MergeEngine:
         self.chunk, self.device, self.allow_non_finite = chunk, device, allow_non_finite
         self.on_progress = on_progress or (lambda n: None)
         self.weights = [float(w) for w in plan.weights]
+        self._widths, self._width = widest_inputs(plan), widest_output(plan)
         self._cuda = None
         if device.type == "cuda":
             from .cuda_pipeline import CudaAverager
 
-            self._cuda = CudaAverager(
-                device, widest_inputs=widest_inputs(plan), widest_output=widest_output(plan), chunk=chunk
-            )
+            self._cuda = CudaAverager(device, widest_inputs=self._widths, widest_output=self._width, chunk=chunk)
         # Reads of the N ingredients of a chunk run in parallel where they copy (pread into pinned memory for
         # the GPU, HTTP ranges for Hub sources), local ones split in parts across a pool the size of the
         # machine, so that N = 2 uses every core; pread, pwrite and sockets release the GIL.
@@ -294,7 +370,7 @@ class MergeEngine:
             ThreadPoolExecutor(max_workers=self._parts - 1, thread_name_prefix="warm-avg") if self._parts > 1 else None
         )
         self._pending: list[tuple[str, int, int] | None] = [None] * len(self.sources)
-        self._release_batch = [(PIPELINE_DEPTH - 1) * chunk * w for w in widest_inputs(plan)]
+        self._release_batch = [(PIPELINE_DEPTH - 1) * chunk * w for w in self._widths]
         self._stop = threading.Event()
         self._errors: list[BaseException] = []
         self._warned: set[str] = set()
@@ -310,7 +386,7 @@ class MergeEngine:
         # The GPU needs the bytes in pinned memory anyway, so mapping would only add a copy there.
         mapped = [not pin and self._mappable(i) for i in range(len(self.sources))]
         for key in range(PIPELINE_DEPTH):
-            slots.put(_Slot(key, self.plan, self.chunk, pin, mapped))
+            slots.put(_Slot(key, self._widths, self._width, self.chunk, pin, mapped))
         ready: queue.Queue = queue.Queue()
         finished: queue.Queue = queue.Queue()
         written: queue.Queue = queue.Queue()
@@ -383,15 +459,14 @@ class MergeEngine:
                     return
                 inputs: list[torch.Tensor | None] = [None] * len(item.tensor.inputs)
                 copies = []
-                for i, (s, info) in enumerate(zip(item.tensor.source_indices, item.tensor.inputs, strict=True)):
+                for i, s in enumerate(item.tensor.source_indices):
                     source, buffer = self.sources[s], slot.inputs[s]
-                    size = itemsize(info.dtype)
-                    offset, nbytes = info.start + item.start * size, item.count * size
+                    file, offset, nbytes = item.input_range(i)
                     if buffer is None:
-                        inputs[i] = torch.frombuffer(source.map_view(info.file, offset, nbytes), dtype=torch.uint8)
+                        inputs[i] = torch.frombuffer(source.map_view(file, offset, nbytes), dtype=torch.uint8)
                     else:
                         inputs[i] = buffer[:nbytes]
-                        copies.append((i, source, info.file, offset, buffer, nbytes))
+                        copies.append((i, source, file, offset, buffer, nbytes))
                 if copies:
                     self._read_copies(slot.key, copies, to_device=item.tensor.average)
                 ready.put((item, slot, inputs))
@@ -446,11 +521,9 @@ class MergeEngine:
 
     def _check_mapped(self, item: WorkItem, slot: _Slot) -> None:
         """Check the mapped inputs of a chunk are still there, right before touching them (see `check_mapped`)."""
-        tensor = item.tensor
-        for s, info in zip(tensor.source_indices, tensor.inputs, strict=True):
+        for i, s in enumerate(item.tensor.source_indices):
             if slot.inputs[s] is None:
-                size = itemsize(info.dtype)
-                self.sources[s].check_mapped(info.file, info.start + item.start * size, item.count * size)
+                self.sources[s].check_mapped(*item.input_range(i))
 
     def _release(self, item: WorkItem) -> None:
         """Hand the mapped input pages of a finished chunk back, a few chunks at a time.
@@ -458,16 +531,15 @@ class MergeEngine:
         Each release costs a system call and a TLB shootdown on the other cores; batching them up to what the
         budget reserved for that ingredient's (unused) read buffers keeps memory within `--max-memory`.
         """
-        for i, info in zip(item.tensor.source_indices, item.tensor.inputs, strict=True):
-            size = itemsize(info.dtype)
-            start, length = info.start + item.start * size, item.count * size
-            pending = self._pending[i]
-            if pending is not None and pending[0] == info.file and pending[2] == start:
-                if pending[2] + length - pending[1] <= self._release_batch[i]:
-                    self._pending[i] = (info.file, pending[1], start + length)
+        for i, s in enumerate(item.tensor.source_indices):
+            file, start, length = item.input_range(i)
+            pending = self._pending[s]
+            if pending is not None and pending[0] == file and pending[2] == start:
+                if pending[2] + length - pending[1] <= self._release_batch[s]:
+                    self._pending[s] = (file, pending[1], start + length)
                     continue
-            self._flush_release(i)
-            self._pending[i] = (info.file, start, start + length)
+            self._flush_release(s)
+            self._pending[s] = (file, start, start + length)
 
     def _flush_release(self, i: int) -> None:
         pending = self._pending[i]
@@ -508,7 +580,7 @@ class MergeEngine:
             )
             return
         if not self._average_parts(out, inputs, weights):
-            self._non_finite(tensor, inputs)
+            self._non_finite_item(item, inputs, weights)
 
     def _average_parts(self, out: torch.Tensor, inputs: list[torch.Tensor], weights: list[float]) -> bool:
         """`weighted_average_into`, split into contiguous parts across the averaging threads."""
@@ -547,6 +619,17 @@ class MergeEngine:
             for s, info in zip(tensor.source_indices, tensor.inputs, strict=True)
         ]
 
+    def _non_finite_item(self, item: WorkItem, inputs: list[torch.Tensor], weights: list[float]) -> None:
+        """Report the tensors of an item whose average is not finite (a group's members, averaged again alone)."""
+        if not item.members:
+            self._non_finite(item.tensor, inputs)
+            return
+        scratch = torch.empty(max(t.numel for t in item.members), dtype=torch_dtype(item.tensor.dtype))
+        for tensor, at, count in item.pieces():
+            parts = [x[at : at + count] for x in inputs]
+            if not weighted_average_into(scratch[:count], parts, weights):
+                self._non_finite(tensor, parts)
+
     def _non_finite(self, tensor: OutputTensor, inputs: list[torch.Tensor]) -> None:
         dtype = torch_dtype(tensor.dtype)
         labels = [self.plan.labels[s] for s in tensor.source_indices]
@@ -576,12 +659,12 @@ class MergeEngine:
                         slot.ready_event.synchronize()
                         slot.ready_event = None
                         if int(slot.nonfinite[0]):
-                            self._non_finite(tensor, self._host_inputs(item, slot))
+                            self._non_finite_item(item, self._host_inputs(item, slot), self.weights)
                     self._pwrite_parts(
                         writer,
                         writer.fds[tensor.shard],
                         _memoryview(slot.output, item.count * size),
-                        tensor.offset + item.start * size,
+                        item.output_offset,
                         self.plan.shards[tensor.shard].filename,
                     )
                 written.put(message)
@@ -620,9 +703,9 @@ class MergeEngine:
             nbytes = item.count * itemsize(tensor.dtype)
             if slot is None:  # finished by an earlier run (--resume): read it back to hash it
                 if readback is None:
-                    readback = torch.empty(self.chunk * widest_output(self.plan), dtype=torch.uint8)
+                    readback = torch.empty(self.chunk * self._width, dtype=torch.uint8)
                 data = _memoryview(readback, nbytes)
-                writer.pread(writer.fds[tensor.shard], data, tensor.offset + item.start * itemsize(tensor.dtype))
+                writer.pread(writer.fds[tensor.shard], data, item.output_offset)
             else:
                 data = _memoryview(slot.output, nbytes)
             hashers[tensor.shard].update(data)

@@ -1,7 +1,8 @@
 """The resume journal: which chunks of a partial output are finished, and for which plan.
 
-One line of JSON naming the plan's fingerprint and chunk size, then one line per finished chunk, appended
-after its bytes were written. A merge killed at any point resumes from it to the same bytes.
+One line of JSON naming the plan's fingerprint, the chunk size and how chunks are numbered, then one line per
+finished chunk, appended after its bytes were written. A merge killed at any point resumes from it to the same
+bytes.
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ from pathlib import Path
 
 from .constants import JOURNAL_NAME
 from .errors import ResumeMismatchError
+
+# How `engine.work_items` numbers the chunks of a plan. A journal numbered another way (an older warm-hub's) is
+# refused: its chunk numbers would name other bytes. 2: runs of small tensors are grouped into one chunk.
+ITEM_NUMBERING = 2
 
 
 class ResumeJournal:
@@ -26,7 +31,8 @@ class ResumeJournal:
     def start(cls, folder: Path, *, fingerprint: str, chunk: int) -> ResumeJournal:
         """Begin a fresh journal (call once the shard files exist with their headers)."""
         path = folder / JOURNAL_NAME
-        path.write_text(json.dumps({"fingerprint": fingerprint, "chunk": chunk}) + "\n", encoding="utf-8")
+        head = {"fingerprint": fingerprint, "chunk": chunk, "items": ITEM_NUMBERING}
+        path.write_text(json.dumps(head) + "\n", encoding="utf-8")
         return cls(path, chunk=chunk, done=set())
 
     @classmethod
@@ -34,7 +40,8 @@ class ResumeJournal:
         """The journal of an interrupted merge of the same plan, or None when there is nothing to resume.
 
         Raises:
-            ResumeMismatchError: the journal was written for another plan (other inputs, weights or layout).
+            ResumeMismatchError: the journal was written for another plan (other inputs, weights or layout), or
+                by a warm-hub that numbers chunks another way.
         """
         path = folder / JOURNAL_NAME
         if not path.is_file():
@@ -48,6 +55,11 @@ class ResumeJournal:
         if head.get("fingerprint") != fingerprint:
             raise ResumeMismatchError(
                 f"{folder} holds a partial merge of other inputs or options; rerun without --resume to start over"
+            )
+        if head.get("items", 1) != ITEM_NUMBERING:
+            raise ResumeMismatchError(
+                f"{folder} holds a partial merge written by another version of warm-hub, which divides the work"
+                " differently; rerun without --resume to start over"
             )
         # Only newline-terminated lines count: a line cut short by a crash is simply done again.
         done = {int(line) for line in lines[1:-1] if line.isdigit()}
