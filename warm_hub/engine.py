@@ -8,12 +8,13 @@ for `--resume`. Memory is the pool, whatever the size of a tensor or a shard.
 
 from __future__ import annotations
 
+import collections
 import errno
 import os
 import queue
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,9 @@ from .sources import IngredientSource
 logger = logging.get_logger(__name__)
 
 PIPELINE_DEPTH = 4  # one chunk being read, one averaged, one written, one hashed
+# Items whose copied reads may run at once: the next chunk's reads start while one still finishes (buffers come
+# from the PIPELINE_DEPTH slots, so memory stays within the budget).
+READS_IN_FLIGHT = 2
 MAX_CHUNK_ELEMENTS = 8 * 1024 * 1024
 # Memory-mapped local inputs averaged on the CPU: a chunk's output (4 MiB in bf16) stays in cache from the
 # averaging to the write and the hash. Reads that copy (HTTP ranges, pinned memory for the GPU) want big requests.
@@ -360,7 +364,12 @@ class MergeEngine:
         # the GPU, HTTP ranges for Hub sources), local ones split in parts across a pool the size of the
         # machine, so that N = 2 uses every core; pread, pwrite and sockets release the GIL.
         self._io_threads = max(len(sources), min(io_threads(), 32))
-        self._readers = ThreadPoolExecutor(max_workers=self._io_threads, thread_name_prefix="warm-read")
+        self._in_flight = READS_IN_FLIGHT if all(s.reads_overlap for s in self.sources) else 1
+        self._readers = ThreadPoolExecutor(
+            max_workers=max(self._io_threads, self._in_flight * len(sources)), thread_name_prefix="warm-read"
+        )
+        # Each item's reads are waited for on a thread of their own, so several items' reads overlap.
+        self._fetches = ThreadPoolExecutor(max_workers=self._in_flight, thread_name_prefix="warm-fetch")
         self._write_threads = min(io_threads(), 8)
         self._writers = ThreadPoolExecutor(max_workers=self._write_threads, thread_name_prefix="warm-write")
         # CPU averaging runs on our own threads, each with a single torch thread: torch's OpenMP team spin-waits
@@ -407,6 +416,7 @@ class MergeEngine:
             finished.put(_END)
             for thread in threads:
                 thread.join()
+            self._fetches.shutdown(wait=True)  # reads still in flight after an error finish before buffers go
             self._readers.shutdown(wait=True)
             self._writers.shutdown(wait=True)
             if self._cuda is not None:
@@ -447,13 +457,30 @@ class MergeEngine:
                     return _END
 
     def _read(self, items: list[WorkItem], done: set[int], slots: queue.Queue, ready: queue.Queue) -> None:
+        """Hand each item's inputs to the averaging step, in order, with up to `READS_IN_FLIGHT` items' copied
+        reads (HTTP ranges, preads into pinned memory) running at once, so that the link or the disk stays busy
+        while a chunk is averaged and while the last part of a read is still arriving."""
+        pending: collections.deque[tuple[WorkItem, _Slot | None, list | None, Future | None]] = collections.deque()
+
+        def deliver(wait: bool) -> None:
+            """Hand on the items at the head whose reads are done (waiting for the first one if `wait`)."""
+            while pending and (wait or pending[0][3] is None or pending[0][3].done()):
+                wait = False
+                item, slot, inputs, future = pending.popleft()
+                if future is not None:
+                    future.result()
+                ready.put((item, slot, inputs))
+
         try:
             for item in items:
                 if self._stop.is_set():
                     return
+                deliver(wait=False)
                 if item.index in done:
-                    ready.put((item, None, None))
+                    pending.append((item, None, None, None))
                     continue
+                while pending and (len(pending) >= self._in_flight or slots.empty()):
+                    deliver(wait=True)  # never hold every slot in reads nobody waits for
                 slot = self._take(slots)
                 if slot is _END:
                     return
@@ -467,9 +494,12 @@ class MergeEngine:
                     else:
                         inputs[i] = buffer[:nbytes]
                         copies.append((i, source, file, offset, buffer, nbytes))
+                future = None
                 if copies:
-                    self._read_copies(slot.key, copies, to_device=item.tensor.average)
-                ready.put((item, slot, inputs))
+                    future = self._fetches.submit(self._read_copies, slot.key, copies, to_device=item.tensor.average)
+                pending.append((item, slot, inputs, future))
+            while pending and not self._stop.is_set():
+                deliver(wait=True)
         finally:
             ready.put(_END)
 

@@ -139,6 +139,11 @@ class HubSource(IngredientSource):
         reference = parse_reference(text)
         return cls(reference.repo_id, revision=reference.revision, token=token, **kwargs)
 
+    @property
+    def reads_overlap(self) -> bool:
+        # Downloading keeps one shard on disk, deleted when the next is needed: reads must not run ahead into it.
+        return self.strategy != "download"
+
     def open_files_needed(self) -> int:
         # Weights complete in the local cache are read from there, each file kept open until the merge ends.
         return sum(name.endswith(".safetensors") for name in self._sizes) + 8

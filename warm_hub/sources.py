@@ -57,11 +57,14 @@ class IngredientSource(ABC):
         label: how the ingredient is named in recipes and cards (a repo id, or a folder name for local paths).
         revision: the pinned commit sha for Hub sources, None for local ones.
         is_local: whether the ingredient is a local path (not published anywhere).
+        reads_overlap: whether reads of different parts of the checkpoint may run at once (the engine then reads
+            the next chunk while one still finishes).
     """
 
     label: str
     revision: str | None = None
     is_local: bool = True
+    reads_overlap: bool = True
 
     @abstractmethod
     def list_files(self) -> list[str]:
