@@ -490,3 +490,36 @@ def test_download_strategy_keeps_at_most_one_shard_per_ingredient_on_disk(hub, l
     assert merge(sources, tmp_path / "warm").shards == local_merge
     assert most[0] == 1  # org/b has 6 shards: each was deleted before the next one came
     assert not list(scratch.iterdir())  # no temporary shard (or folder) left
+
+
+def test_a_sharded_checkpoint_reads_its_headers_at_once_one_request_each(hub, tmp_path):
+    """org/b has 6 shards: their headers are read in parallel (each is a round trip or two over a real link),
+    and each header costs one ranged GET (its length and its JSON come from one read-ahead block per file)."""
+    import threading
+    import time
+
+    from warm_hub.checkpoint import read_checkpoint
+
+    server, _ = hub
+    source = HubSource("org/b")
+    read_checkpoint(source)  # the index and config come through the cache once
+    source.close()
+    source = HubSource("org/b")
+    lock, active, most = threading.Lock(), [0], [0]
+
+    def overlapping() -> None:  # in the server's threads: how many header reads are answered at once
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        time.sleep(0.05)
+        with lock:
+            active[0] -= 1
+
+    server.on_request(overlapping, path="/blobs/", times=100)
+    server.requests.clear()
+    checkpoint = read_checkpoint(source)
+    source.close()
+    assert len(checkpoint.shards) == 6
+    blob_reads = [r for r in server.requests if r.server == "cdn" and r.method == "GET"]
+    assert len(blob_reads) == 6, [r.path for r in blob_reads]
+    assert most[0] >= 2

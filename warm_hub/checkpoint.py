@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from huggingface_hub.utils import logging
@@ -175,6 +176,16 @@ def read_header(source: IngredientSource, file: str) -> ShardHeader:
         raise CheckpointFormatError(f"{source.label}/{exc}") from None
 
 
+def _read_headers(source: IngredientSource, files: list[str]) -> list[ShardHeader]:
+    """Every shard's header, in file order; a remote checkpoint's all at once (each costs a round trip or two:
+    30 shards of a 70B model read one by one would wait seconds). The first failure in file order is raised."""
+    if source.is_local or len(files) == 1:
+        return [read_header(source, file) for file in files]
+    with ThreadPoolExecutor(max_workers=min(8, len(files)), thread_name_prefix="warm-headers") as pool:
+        futures = [pool.submit(read_header, source, file) for file in files]
+        return [future.result() for future in futures]
+
+
 def read_checkpoint(source: IngredientSource) -> Checkpoint:
     """Read every header of a checkpoint and check them against its index.
 
@@ -185,8 +196,7 @@ def read_checkpoint(source: IngredientSource) -> Checkpoint:
     refuse_adapter(source)
     files, weight_map = weight_files(source)
     checkpoint = Checkpoint(source=source, shards=[])
-    for file in files:
-        shard = read_header(source, file)
+    for shard in _read_headers(source, files):
         checkpoint.shards.append(shard)
         for tensor in shard.tensors:
             if tensor.name in checkpoint.tensors:

@@ -30,6 +30,7 @@ logger = logging.get_logger(__name__)
 # Module settings rather than arguments: sources are built from what a user typed. Tests lower them.
 PULL_VARIABLE = PULL_ENV  # "stream" (HTTP Range, the default) or "download" (one shard at a time)
 READ_AHEAD = 1024 * 1024  # small reads (headers, tiny tensors) fetch this much at once and serve the rest from it
+READ_AHEAD_FILES = 8  # read-ahead blocks kept per source, one per file (headers are read in parallel)
 DOWNLOAD_PART = 8 * 1024 * 1024  # strategy "download": part size of the shard download
 DOWNLOAD_PARTS = 4  # strategy "download": parts fetched at once (the transfer buffer is this many parts)
 
@@ -128,7 +129,7 @@ class HubSource(IngredientSource):
         self._lock = threading.Lock()
         self._local: dict[str, Path | None] = {}  # file -> complete local copy (cache or downloaded), None: remote
         self._fds: dict[Path, int] = {}
-        self._block: tuple[str, int, bytearray] | None = None  # read-ahead: (file, offset, bytes)
+        self._blocks: dict[str, tuple[int, bytearray]] = {}  # read-ahead per file: (offset, bytes), oldest first
         self._reader = RangeReader(self.repo_id, self.revision, endpoint=self.endpoint, token=token)
         self._tmp: Path | None = None
         self._downloaded: str | None = None
@@ -255,7 +256,7 @@ class HubSource(IngredientSource):
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
-            self._block = None
+            self._blocks.clear()
             self._reader.close()
             if self._tmp is not None:
                 shutil.rmtree(self._tmp, ignore_errors=True)
@@ -344,19 +345,21 @@ class HubSource(IngredientSource):
     # ---- HTTP ----------------------------------------------------------------------------------------------
 
     def _read_small(self, name: str, offset: int, buffer: memoryview, size: int) -> None:
-        """Serve small reads from one read-ahead block per source: a header or a run of tiny tensors per request."""
+        """Serve small reads from a read-ahead block per file: a header or a run of tiny tensors per request."""
         with self._lock:
-            block = self._block
-        inside = block is not None and block[1] <= offset and offset + len(buffer) <= block[1] + len(block[2])
-        if block is None or block[0] != name or not inside:
+            block = self._blocks.get(name)
+        if block is None or not block[0] <= offset <= offset + len(buffer) <= block[0] + len(block[1]):
             length = min(size - offset, max(READ_AHEAD, len(buffer)))
             data = bytearray(length)
             self._reader.fetch(name, offset, memoryview(data))
-            block = (name, offset, data)
+            block = (offset, data)
             with self._lock:
-                self._block = block
-        start = offset - block[1]
-        buffer[:] = block[2][start : start + len(buffer)]
+                self._blocks.pop(name, None)
+                self._blocks[name] = block
+                while len(self._blocks) > READ_AHEAD_FILES:
+                    del self._blocks[next(iter(self._blocks))]
+        start = offset - block[0]
+        buffer[:] = block[1][start : start + len(buffer)]
 
 
 __all__ = ["HubReference", "HubSource", "PULL_VARIABLE", "parse_reference", "pull_strategy"]
