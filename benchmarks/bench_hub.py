@@ -12,7 +12,8 @@ runs, round-robin, each in a fresh child process (start-up not timed):
 
 For each run it records the client's CPU time (child) and the server's (this process), and the load average.
 Usage: `python benchmarks/bench_hub.py [--members 2,4,8] [--shard-mb 50] [--shards 4] [--repeat 3] [--markdown]`.
-`--pull download` measures `WARM_HUB_PULL=download` as well.
+`--pull download` measures `WARM_HUB_PULL=download` as well; `--latency-ms 30` delays every weight answer's first
+byte, as a distant server does.
 """
 
 from __future__ import annotations
@@ -285,6 +286,7 @@ def main() -> None:
     parser.add_argument("--shard-mb", type=int, default=50, help="size of each shard, MB")
     parser.add_argument("--shards", type=int, default=4, help="shards per ingredient")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--latency-ms", type=float, default=0, help="delay before each weight answer (a far server)")
     parser.add_argument("--pull", choices=["stream", "download"], action="append", help="pull strategies to merge")
     parser.add_argument("--root", default=os.path.join(tempfile.gettempdir(), "warm-hub-bench-hub"))
     parser.add_argument("--markdown", action="store_true", help="print Markdown tables for RESULTS.md")
@@ -299,6 +301,8 @@ def main() -> None:
 
     hub_server.reserve_endpoint()  # before huggingface_hub is imported
     server = hub_server.running_server()
+    if args.latency_ms:  # before each blob answer's first byte, in the server's thread
+        server.on_request(lambda: time.sleep(args.latency_ms / 1000), path="/blobs/", times=10**9)
     counts = [int(n) for n in args.members.split(",")]
     root = Path(args.root) / f"{args.shard_mb}MBx{args.shards}"
     members = make_members(root / "members", max(counts), shard_bytes=args.shard_mb * 10**6, shards=args.shards)
@@ -327,11 +331,12 @@ def main() -> None:
 
     mb = 1e6
     loads = [r["load"] for rs in runs.values() for r in rs]
+    latency = f", {args.latency_ms:g} ms before each weight answer" if args.latency_ms else ""
     info = (
         f"{os.cpu_count()} CPU cores, Python {platform.python_version()};"
         f" {args.shards} shards of {member_bytes / args.shards / mb:.0f} MB per ingredient"
         f" ({member_bytes / mb:.0f} MB),"
-        f" loopback Hub on 127.0.0.1; {args.repeat} round-robin rounds in {elapsed:.0f} s; 1-min load average"
+        f" loopback Hub on 127.0.0.1{latency}; {args.repeat} round-robin rounds in {elapsed:.0f} s; 1-min load average"
         f" during the runs {min(loads):.1f}..{max(loads):.1f}"
     )
     header = (

@@ -78,8 +78,14 @@ console_main()
 """
 
 
-def llama_like_shapes(params: float, vocab: int, width: int | None = None) -> list[tuple[str, tuple[int, ...]]]:
-    """Tensor names and shapes of a Llama-style reward model of about `params` parameters."""
+def llama_like_shapes(
+    params: float, vocab: int, width: int | None = None, experts: int = 0
+) -> list[tuple[str, tuple[int, ...]]]:
+    """Tensor names and shapes of a Llama-style reward model of about `params` parameters.
+
+    `experts`: split each MLP matrix into that many experts (Mixtral/Qwen-MoE names), as a mixture-of-experts
+    checkpoint stores them: thousands of small tensors instead of a few large ones.
+    """
     for hidden in [width] if width else range(256, 8192, 64):
         layers = max(2, round(hidden / 64))
         inter = hidden * 8 // 3 // 64 * 64
@@ -92,8 +98,16 @@ def llama_like_shapes(params: float, vocab: int, width: int | None = None) -> li
     for i in range(layers):
         p = f"model.layers.{i}."
         shapes += [(p + f"self_attn.{n}_proj.weight", (hidden, hidden)) for n in "qkvo"]
-        shapes += [(p + "mlp.gate_proj.weight", (inter, hidden)), (p + "mlp.up_proj.weight", (inter, hidden))]
-        shapes += [(p + "mlp.down_proj.weight", (hidden, inter))]
+        if experts:
+            rows = max(1, inter // experts)
+            for e in range(experts):
+                q = p + f"mlp.experts.{e}."
+                shapes += [(q + "gate_proj.weight", (rows, hidden)), (q + "up_proj.weight", (rows, hidden))]
+                shapes += [(q + "down_proj.weight", (hidden, rows))]
+            shapes += [(p + "mlp.gate.weight", (experts, hidden))]
+        else:
+            shapes += [(p + "mlp.gate_proj.weight", (inter, hidden)), (p + "mlp.up_proj.weight", (inter, hidden))]
+            shapes += [(p + "mlp.down_proj.weight", (hidden, inter))]
         shapes += [(p + "input_layernorm.weight", (hidden,)), (p + "post_attention_layernorm.weight", (hidden,))]
     shapes += [("model.norm.weight", (hidden,)), ("score.weight", (1, hidden))]
     return shapes
@@ -122,7 +136,7 @@ def write_checkpoint(folder: Path, shapes, dtype: torch.dtype, seed: int) -> Pat
         "num_labels": 1,
         "vocab_size": vocab,
         "hidden_size": hidden,
-        "intermediate_size": next(s[0] for n, s in shapes if n.endswith("gate_proj.weight")),
+        "intermediate_size": sum(s[0] for n, s in shapes if n.startswith("model.layers.0.") and "gate_proj" in n),
         "num_hidden_layers": layers,
         "num_attention_heads": max(1, hidden // 64),
         "num_key_value_heads": max(1, hidden // 64),
@@ -189,6 +203,7 @@ def main() -> None:
     parser.add_argument("--members", type=int, default=4)
     parser.add_argument("--params", type=float, default=126e6, help="parameters per checkpoint")
     parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--experts", type=int, default=0, help="MLP experts per layer (0: dense; 64: ~2,300 tensors)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--max-memory", default="512MB")
@@ -221,7 +236,7 @@ def main() -> None:
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     py = sys.executable
     try:
-        shapes = llama_like_shapes(args.params, args.vocab)
+        shapes = llama_like_shapes(args.params, args.vocab, experts=args.experts)
         params = sum(torch.Size(s).numel() for _, s in shapes)
         members = [write_checkpoint(work / f"m{i}", shapes, dtype, seed=i) for i in range(args.members)]
         files = [str(m / "model.safetensors") for m in members]
@@ -289,6 +304,7 @@ def main() -> None:
             "date": date.today().isoformat(),
             "members": args.members,
             "params_per_member": params,
+            "tensors_per_member": len(shapes),
             "dtype": args.dtype,
             "input_bytes": input_bytes,
             "runs": args.runs,

@@ -7,7 +7,9 @@ Made for the first run on a fresh CUDA machine (H100/H200), under a 10-minute co
    bf16 / fp16 / fp32 / mixed, aligned and not; thousands of small tensors in grouped launches (aligned, mixed,
    one unaligned among them); the host cost of `GroupedPlan.run`. CUDA start-up and each kernel's first call
    (Triton's JIT) are reported apart from the steady-state figures;
-3. an end-to-end merge of multi-GB members from a warm page cache against measured pinned host-to-device
+3. a merge of thousands of small tensors (a mixture-of-experts layout), runs of them grouped into one work item
+   against one item per tensor, on the GPU and the CPU, hashes compared;
+4. an end-to-end merge of multi-GB members from a warm page cache against measured pinned host-to-device
    bandwidth, with each engine stage's busy share, and the GPU merge's shard hashes against a CPU merge's.
 
 Every phase has a time budget and is skipped, not fatal, when the run is short of time or a phase fails; the
@@ -407,6 +409,55 @@ def run_merge(lines: list[str], report: Report, *, torch, device, args, workdir:
         report.figures["hashes_equal"] = same
 
 
+def run_small_tensors(lines: list[str], report: Report, *, torch, device, smoke: bool, workdir: Path) -> None:
+    """A merge of thousands of small tensors (a mixture-of-experts layout): runs of them grouped into one work
+    item each (the default) against one item per tensor, on this device and on the CPU; hashes compared."""
+    import warm_hub
+    from warm_hub import engine as engine_module
+
+    count, tensors, numel = 4, (256 if smoke else 4096), (1024 if smoke else 16384)
+    from safetensors.torch import save_file
+
+    members = []
+    generator = torch.Generator().manual_seed(2)
+    for i in range(count):
+        state = {
+            f"model.layers.{t // 128}.mlp.experts.{t % 128}.weight": torch.randn(numel, generator=generator).to(
+                torch.bfloat16
+            )
+            for t in range(tensors)
+        }
+        path = workdir / "small" / f"member-{i}"
+        path.mkdir(parents=True, exist_ok=True)
+        save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+        (path / "config.json").write_text(json.dumps({"architectures": ["LlamaForSequenceClassification"]}))
+        members.append(path)
+    total = count * tensors * numel * 2
+    warm_page_cache(members)
+    lines.append(f"{count} members of {tensors} bf16 tensors of {numel} elements ({total / 1e9:.2f} GB in all).")
+    lines += ["", "| device | work items | wall s | GB/s of input |", "|---|---|---|---|"]
+    results, grouped = {}, engine_module._groupable
+    for where in dict.fromkeys([str(device), "cpu"]):
+        for mode in ("grouped", "one per tensor"):
+            if mode != "grouped":
+                engine_module._groupable = lambda tensor, chunk: False
+            try:
+                warm_hub.merge(members[:2], workdir / "small-warm", device=where, overwrite=True)  # JIT, pools
+                began = time.perf_counter()
+                result = warm_hub.merge(members, workdir / "small-out", device=where, overwrite=True)
+                wall = time.perf_counter() - began
+            finally:
+                engine_module._groupable = grouped
+            results[(where, mode)] = result.shards
+            lines.append(f"| {where} | {mode} | {wall:.2f} | {total / wall / 1e9:.1f} |")
+            report.figures[f"small_tensors_{where}_{mode.replace(' ', '_')}_s"] = wall
+    same = len({json.dumps(v, sort_keys=True) for v in results.values()}) == 1
+    lines.append("")
+    lines.append(f"Shard hashes of every run {'equal ✓' if same else 'DIFFER ✗'}.")
+    report.figures["small_tensors_hashes_equal"] = same
+    shutil.rmtree(workdir / "small", ignore_errors=True)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -471,10 +522,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     with workdir_context as workdir:
         Path(workdir).mkdir(parents=True, exist_ok=True)
+        phase(report, "Many small tensors", deadline - (0 if args.smoke else 70), 20 if not args.smoke else 1,
+              lambda lines: run_small_tensors(lines, report, torch=torch, device=device, smoke=args.smoke,
+                                              workdir=Path(workdir)))  # fmt: skip
         phase(report, "End-to-end merge", deadline, 60 if not args.smoke else 1, lambda lines: run_merge(
             lines, report, torch=torch, device=device, args=args, workdir=Path(workdir)))  # fmt: skip
         if args.workdir:
-            for name in ("members", "warm", "warm-out", "out-gpu", "out-cpu"):
+            for name in ("members", "warm", "warm-out", "out-gpu", "out-cpu", "small", "small-warm", "small-out"):
                 shutil.rmtree(Path(workdir) / name, ignore_errors=True)
 
     report.write()
