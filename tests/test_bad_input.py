@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 import warm_hub
 from warm_hub.testing.checkpoints import make_members
+from warm_hub.testing.merges import SLOW_MERGE
 
 
 def check_failure(run_cli, out: Path, args, message: str) -> str:
@@ -230,19 +231,6 @@ def test_debug_shows_traceback(tmp_path, members, python):
 
 
 # --- Silent wrong results and data loss (issue 11): each class is refused in one line, nothing deleted. ---
-
-SLOW_MERGE = """
-import sys, time
-import warm_hub
-
-class SlowBar:
-    def __init__(self, **kwargs): pass
-    def __enter__(self): return self
-    def __exit__(self, *exc): pass
-    def update(self, n): time.sleep(0.05)
-
-warm_hub.merge(sys.argv[1:-1], sys.argv[-1], max_memory="300KB", tqdm_class=SlowBar)
-"""
 
 
 def test_a_held_output_lock_refuses_a_second_merge(tmp_path, run_cli, members):

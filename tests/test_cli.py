@@ -124,3 +124,18 @@ def test_merge_dtype_choices_are_the_planners(tmp_path, run_cli):
     assert code == 0, err
     with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
         assert {f.get_slice(name).get_dtype() for name in f.keys()} == {"F64"}
+
+
+def test_plot_is_refused_up_front_without_matplotlib(tmp_path, run_cli, monkeypatch):
+    """Both commands that take `--plot` say what to install, in one line, before sampling or scoring anything."""
+    import sys
+
+    from warm_hub.testing.cli_output import error_line
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    code, _, err = run_cli(
+        "best-of-n", tmp_path / "rm", "--policy", tmp_path / "lm", "--prompts", tmp_path / "p.jsonl",
+        "--gold", tmp_path / "gold", "--plot", tmp_path / "bon.png",
+    )  # fmt: skip
+    assert code == 1 and "--plot needs matplotlib: pip install 'warm-hub[plot]'" in error_line(err, alone=True)
+    assert not (tmp_path / "bon.png").exists()

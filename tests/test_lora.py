@@ -13,6 +13,7 @@ import warm_hub
 import warm_hub.engine as engine
 from warm_hub.errors import IncompatibleCheckpointsError, InvalidOptionError, UnsupportedAdapterError
 from warm_hub.testing.checkpoints import perturb, save_checkpoint, tiny_model, tiny_tokenizer
+from warm_hub.testing.merges import interrupting_bar
 
 peft = pytest.importorskip("peft")
 
@@ -365,23 +366,10 @@ def test_interrupted_adapted_merge_resumes_to_the_same_bytes(adapters, tmp_path,
     class Interrupt(Exception):
         pass
 
-    class StopAfterTen:  # a progress bar that interrupts the merge after ten chunks
-        def __init__(self, **kwargs):
-            self.calls = 0
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            pass
-
-        def update(self, n):
-            self.calls += 1
-            if self.calls == 10:
-                raise Interrupt
-
     fresh = warm_hub.merge(adapters, tmp_path / "fresh", device="cpu", max_memory=7000).shards
     with pytest.raises(Interrupt):
-        warm_hub.merge(adapters, tmp_path / "warm", device="cpu", max_memory=7000, tqdm_class=StopAfterTen)
+        warm_hub.merge(
+            adapters, tmp_path / "warm", device="cpu", max_memory=7000, tqdm_class=interrupting_bar(10, Interrupt)
+        )
     result = warm_hub.merge(adapters, tmp_path / "warm", device="cpu", max_memory=7000, resume=True)
     assert result.resumed_chunks >= 9 and result.shards == fresh

@@ -16,20 +16,8 @@ from warm_hub.constants import JOURNAL_NAME
 from warm_hub.errors import ResumeMismatchError
 from warm_hub.journal import ResumeJournal
 from warm_hub.testing.checkpoints import make_members
-
-# Runs a merge whose progress callback sleeps, so the test can kill it part-way through.
-SLOW_MERGE = """
-import sys, time
-import warm_hub
-
-class SlowBar:
-    def __init__(self, **kwargs): pass
-    def __enter__(self): return self
-    def __exit__(self, *exc): pass
-    def update(self, n): time.sleep(0.05)
-
-warm_hub.merge(sys.argv[1:-1], sys.argv[-1], max_memory="300KB", tqdm_class=SlowBar)
-"""
+from warm_hub.testing.cli_output import error_line
+from warm_hub.testing.merges import SLOW_MERGE, interrupting_bar
 
 
 def journal_lines(out: Path) -> int:
@@ -87,27 +75,9 @@ def test_a_journal_line_cut_by_a_crash_is_ignored(tmp_path):
     journal.close()
 
 
-class InterruptingBar:
-    """A progress bar that interrupts the merge (as Ctrl-C would) after a few chunks."""
-
-    def __init__(self, **kwargs):
-        self.calls = 0
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        pass
-
-    def update(self, n):
-        self.calls += 1
-        if self.calls == 3:
-            raise KeyboardInterrupt
-
-
 def interrupted_merge(members, out: Path) -> Path:
     with pytest.raises(KeyboardInterrupt):
-        warm_hub.merge(members, out, max_memory="300KB", tqdm_class=InterruptingBar)
+        warm_hub.merge(members, out, max_memory="300KB", tqdm_class=interrupting_bar(3))
     partial = Path(str(out) + ".warm-hub-partial")
     assert journal_lines(out) >= 1 and not out.exists()
     return partial
@@ -167,3 +137,21 @@ def test_a_journal_numbered_by_an_older_warm_hub_is_not_resumed(tmp_path):
     with pytest.raises(ResumeMismatchError, match="another version of warm-hub"):
         warm_hub.merge(members, out, max_memory="300KB", resume=True)
     assert snapshot(partial) == kept
+
+
+@pytest.mark.parametrize("chunk", [0, -4096, 10**15, 1000])
+def test_a_journal_with_an_impossible_chunk_size_is_refused_in_one_line(tmp_path, run_cli, chunk):
+    """A damaged journal head must not reach the engine (a zero step, a negative or huge buffer, misnumbered
+    chunks): the resume is refused and the partial work kept."""
+    import json
+
+    members = make_members(tmp_path, count=2)
+    out = tmp_path / "out"
+    partial = interrupted_merge(members, out)
+    journal = partial / JOURNAL_NAME
+    head, rest = journal.read_text().split("\n", 1)
+    journal.write_text(json.dumps({**json.loads(head), "chunk": chunk}) + "\n" + rest)
+    kept = snapshot(partial)
+    code, _, err = run_cli("merge", *members, "--out", out, "--resume", "--max-memory", "300KB")
+    assert code == 1 and f"journal is damaged (chunk size {chunk})" in error_line(err, alone=True)
+    assert snapshot(partial) == kept and not out.exists()

@@ -122,6 +122,11 @@ def chunk_elements(plan: MergePlan, max_memory: int, *, mapped_cpu: bool = False
     return elements
 
 
+def usable_chunk(chunk: int) -> bool:
+    """Whether a chunk size (from a resume journal, which a user's disk holds) is one `chunk_elements` can give."""
+    return MIN_CHUNK_ELEMENTS <= chunk <= MAX_CHUNK_ELEMENTS and chunk % CHUNK_ALIGNMENT == 0
+
+
 def check_open_files(plan: MergePlan, sources: Sequence[IngredientSource]) -> None:
     """Make sure the merge can hold every file it needs open at once, raising the soft limit if need be.
 

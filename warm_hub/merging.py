@@ -24,7 +24,15 @@ from .checkpoint import EXPLICIT_WEIGHTS_KEY, read_checkpoint
 from .compatibility import Compatibility, check_compatibility, parse_allowed_mismatches, refusal_message
 from .configs import load_config
 from .constants import CONFIG_NAME, JOURNAL_NAME, OLD_SUFFIX, PARTIAL_SUFFIX, SAFE_INDEX
-from .engine import DISK_FULL_ERRNOS, MergeEngine, ShardWriter, check_open_files, chunk_elements, disk_full
+from .engine import (
+    DISK_FULL_ERRNOS,
+    MergeEngine,
+    ShardWriter,
+    check_open_files,
+    chunk_elements,
+    disk_full,
+    usable_chunk,
+)
 from .errors import (
     CheckpointFormatError,
     DiskFullError,
@@ -32,6 +40,7 @@ from .errors import (
     InvalidOptionError,
     NonFiniteWeightsError,
     OutputOverlapsInputError,
+    ResumeMismatchError,
     WarmHubError,
 )
 from .journal import ResumeJournal
@@ -246,6 +255,11 @@ def merge(
         partial = partial_folder(out)
         # Outside the clean-up below: a refused --resume keeps the partial folder it refused.
         journal = ResumeJournal.load(partial, fingerprint=fingerprint) if resume else None
+        if journal is not None and not usable_chunk(journal.chunk):
+            journal.close()
+            raise ResumeMismatchError(
+                f"{partial}'s journal is damaged (chunk size {journal.chunk}); rerun without --resume to start over"
+            )
         try:
             if journal is None:
                 journal = _start_partial(plan, read_from, partial, fingerprint, torch_device, memory)

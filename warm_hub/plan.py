@@ -228,8 +228,7 @@ def storage_order(checkpoint: Checkpoint) -> list[str]:
     The output keeps this order: ingredients saved by the same code store their tensors alike, so runs of small
     tensors are then contiguous in every file and the engine averages each run as one chunk (`engine.WorkItem`).
     """
-    position = {t.name: (i, t.start) for i, shard in enumerate(checkpoint.shards) for t in shard.tensors}
-    return sorted(checkpoint.tensors, key=lambda name: (position.get(name, (len(checkpoint.shards), 0)), name))
+    return [t.name for shard in checkpoint.shards for t in shard.tensors]  # each shard's are sorted by offset
 
 
 @dataclass(frozen=True)

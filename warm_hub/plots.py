@@ -17,6 +17,20 @@ KIND_COLORS = {
 }
 
 
+def require_matplotlib(option: str = "--plot") -> None:
+    """Refuse `option` up front, before any work, when matplotlib is not installed.
+
+    Raises:
+        InvalidOptionError: matplotlib cannot be imported.
+    """
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        from .errors import InvalidOptionError
+
+        raise InvalidOptionError(f"{option} needs matplotlib: pip install 'warm-hub[plot]'") from None
+
+
 def plot_results(document: dict, path: str | os.PathLike) -> Path:
     """Draw `document` (an `eval_results.json`) into a PNG at `path` (see `results_figure`).
 

@@ -113,14 +113,11 @@ def best_of_n_command(
           --gold ./gold-rm --n 64 --json bon.json --plot bon.png
     """
     from ..best_of_n import best_of_n, plot_best_of_n
-    from ..errors import InvalidOptionError
+    from ..plots import require_matplotlib
     from .evaluate import format_table
 
     if plot_path is not None:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise InvalidOptionError("--plot needs matplotlib: pip install 'warm-hub[plot]'") from None
+        require_matplotlib()
     sampling = SamplingConfig(
         n=n,
         seed=seed,

@@ -141,18 +141,15 @@ def evaluate_command(
           --ensemble --interpolate 0,1 --json ./warm/eval_results.json --plot ./warm/eval.png
     """
     from ..benchmark_formats import subset_tables
-    from ..errors import InvalidOptionError
     from ..evaluate import comparisons_table, evaluate_models, load_split, results_table, save_results
+    from ..plots import require_matplotlib
 
     splits = []
     for value in data:
         name, source = parse_data(value)
         splits.append(load_split(source, name=name, split=split, limit=limit))
     if plot_path is not None:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise InvalidOptionError("--plot needs matplotlib: pip install 'warm-hub[plot]'") from None
+        require_matplotlib()
     document = evaluate_models(
         list(models),
         splits,
