@@ -158,7 +158,7 @@ def test_merge_refuses_fp8_overflow_as_a_final_error(tmp_path, run_cli) -> None:
     assert code == 1
     assert f"the average of tensor {name!r} overflows torch.float8_e4m3fn (choose a wider --dtype)" in err
     assert "Internal error" not in err and "--resume" not in err
-    assert not (tmp_path / "out.partial").exists() and not any(p.name.endswith(".partial") for p in tmp_path.iterdir())
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.warm-hub-*"))  # no partial, no lock
 
 
 def test_cuda_device_index_is_checked_up_front(tmp_path, run_cli, monkeypatch: pytest.MonkeyPatch) -> None:

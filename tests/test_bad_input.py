@@ -526,3 +526,31 @@ def test_damaged_preference_data_is_one_line_for_finetune_and_leaves_nothing(tmp
         code, _, err = run_cli("finetune", "--base", base, "--data", path, "--out", out, "--max-steps", "1")
         assert code == 1 and EXPECTED[name] in one_error_line(err), (name, err)
         assert not out.exists(), (name, list(out.rglob("*")))
+
+
+def test_a_lock_file_that_is_a_link_is_not_followed(tmp_path, run_cli, members):
+    """`OUT.warm-hub-lock` is opened with O_NOFOLLOW: a link there must not truncate the file it points to."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    out = tmp_path / "out"
+    Path(str(out) + ".warm-hub-lock").symlink_to(notes)
+    check_failure(run_cli, out, members, "is a link, not warm-hub's lock file")
+    assert notes.read_text() == "keep me"
+
+
+def test_an_index_naming_a_file_with_a_nul_byte_is_refused(tmp_path, run_cli, members):
+    bad = shutil.copytree(members[0], tmp_path / "nul")
+    (bad / "model.safetensors").rename(bad / "model-00001-of-00001.safetensors")
+    index = {"metadata": {}, "weight_map": {"score.weight": "model-00001-of-00001.safetensors\x00.safetensors"}}
+    (bad / "model.safetensors.index.json").write_text(json.dumps(index))
+    check_failure(run_cli, tmp_path / "out", [bad, members[1]], "outside the checkpoint folder")
+
+
+def test_out_dot_writes_beside_itself_not_inside(tmp_path, run_cli, members, monkeypatch):
+    """`--out .` is the current folder: its partial folder and lock go beside it, as for any other name."""
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    code, _, err = run_cli("merge", *members, "--out", ".")
+    assert code == 0, err
+    assert (here / "model.safetensors").is_file() and not list(tmp_path.glob("*.warm-hub-*"))

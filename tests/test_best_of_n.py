@@ -252,3 +252,24 @@ def test_demo_step(models, tmp_path):
     assert comparison_table(result.comparisons)[1][0] == "warm - rm-0"
     rows = summary_table(result.records)
     assert rows[0] == ["proxy", "gold @ n=1", "gold @ n=4", "win vs random @ n=4"] and len(rows) == 5
+
+
+def test_a_damaged_cache_file_is_sampled_again_and_a_bad_device_is_one_line(models, tmp_path):
+    from warm_hub.best_of_n import sampling_key
+    from warm_hub.reward_model import RewardModel
+    from warm_hub.sources import LocalSource
+
+    prompts = ["p1", "p2"]
+    sampling = replace(SAMPLING, n=2)
+    fresh = sample_candidates(models["policy"], prompts, sampling=sampling, cache_dir=False, device="cpu")
+    with LocalSource(models["policy"]) as source:
+        key = sampling_key(source.identity(), prompts, sampling)
+    for damaged in ("{not json", "{}", json.dumps({"candidates": [["x"]]}), "[" * 100_000):
+        (tmp_path / f"{key}.json").write_text(damaged)
+        again = sample_candidates(models["policy"], prompts, sampling=sampling, cache_dir=tmp_path, device="cpu")
+        assert again == fresh
+    for device in ("gpu", "cuda:7"):
+        with pytest.raises(InvalidOptionError, match="device"):
+            sample_candidates(models["policy"], prompts, sampling=sampling, cache_dir=False, device=device)
+        with pytest.raises(InvalidOptionError, match="device"):
+            RewardModel.from_pretrained(models["gold"], device=device)

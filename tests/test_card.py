@@ -155,7 +155,10 @@ def test_card_command_adopts_eval_results_and_later_refreshes_keep_them(mixed, t
         ({"splits": {"test": {"WARM": {"accuracy": 1.5}}}}, "accuracy 1.5 is not a fraction"),
         ({"splits": {"test": {"WARM": {"accuracy": "high"}}}}, '"accuracy" must be a number'),
         ({"splits": {"test": {"WARM": {"accuracy": 0.7, "n": -3}}}}, '"n" must be a count'),
-        ({"splits": {"test": {"WARM": {"accuracy": 0.7, "n": 9, "ci": [0.8, 0.9]}}}}, '"ci" must be'),
+        ({"splits": {"test": {"WARM": {"accuracy": 0.7, "n": 9, "ci": [0.9, 0.8]}}}}, '"ci" must be'),
+        ({"splits": {"test": {"WARM": {"accuracy": 0.5, "ci": [0.1, 5.0]}}}}, '"ci" must be'),
+        ({"splits": {"test": {"WARM": {"accuracy": 0.7}}}, "seeds": {"splits": {"test": {"WARM": {}}}}}, "seeds/test"),
+        ({"splits": {"test": {"WARM": {"accuracy": 0.7}}}, "seeds": {"splits": {"test": [0.7]}}}, "seeds/test"),
         ({"splits": {"test": {"WARM": {"accuracy": 0.7, "ci": "wide"}}}}, '"ci" must be'),
     ],
 )

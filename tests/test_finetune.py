@@ -113,6 +113,10 @@ def test_load_preference_data_errors(tmp_path):
     (tmp_path / "pairs.csv").write_text("chosen,rejected\na,b\n")
     with pytest.raises(PreferenceDataError, match="unsupported"):
         load_preference_data(tmp_path / "pairs.csv")
+    for name, text in (("deep.json", "[" * 100_000), ("deep.jsonl", '{"a": ' + "[" * 100_000 + "\n")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(PreferenceDataError, match="JSON"):
+            load_preference_data(tmp_path / name)
 
 
 def test_plain_text_join_rule():
@@ -280,6 +284,14 @@ def test_refusals(tmp_path, base, train_file, tokenizer):
         small_config(base, train_file, tmp_path / "x", members=0).validate()
     with pytest.raises(InvalidOptionError, match="dropout"):
         small_config(base, train_file, tmp_path / "x", dropouts=[1.5]).validate()
+    with pytest.raises(InvalidOptionError, match="unknown --lr-scheduler 'bogus'"):
+        small_config(base, train_file, tmp_path / "x", lr_scheduler_type="bogus").validate()
+    with pytest.raises(InvalidOptionError, match="--probe-learning-rate"):
+        small_config(base, train_file, tmp_path / "x", probe_learning_rate=-1.0).validate()
+    with pytest.raises(InvalidOptionError, match="--lora-target"):
+        finetune(small_config(base, train_file, tmp_path / "z", lora_r=2, lora_targets=["nosuch_proj"]))
+    with pytest.raises(PreferenceDataError, match="cannot load split 'nosuch'"):
+        load_preference_data(train_file.parent, split="nosuch")
     other = review_tokenizer(lines=20)
     assert other.get_vocab() != tokenizer.get_vocab()
     odd = tiny_base(tmp_path / "odd", tokenizer=other)

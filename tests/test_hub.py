@@ -523,3 +523,46 @@ def test_a_sharded_checkpoint_reads_its_headers_at_once_one_request_each(hub, tm
     blob_reads = [r for r in server.requests if r.server == "cdn" and r.method == "GET"]
     assert len(blob_reads) == 6, [r.path for r in blob_reads]
     assert most[0] >= 2
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        (b"HTTP/1.1 203 OK\r\nContent-Length: 4\r\n\r\nEVIL", "answered HTTP 203 to a range read"),
+        (b"HTTP/1.1 302 Found\r\nContent-Length: 4\r\n\r\nEVIL", "answered HTTP 302 to a range read"),
+        (b"HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:99999/x\r\nContent-Length: 0\r\n\r\n", "invalid location"),
+        (b"HTTP/1.1 302 Found\r\nLocation: http://bad host/x\r\nContent-Length: 0\r\n\r\n", "cannot connect"),
+        (b"HTTP/1.1 404 Not Found\r\nX-Error-Message: \xc3\xa9chec\r\nContent-Length: 0\r\n\r\n", "HTTP 404"),
+    ],
+)
+def test_a_hostile_answer_to_a_range_read_is_one_error_never_data(answer, expected, fast_retries):
+    """Only a 206 (or a 200 to a range from byte 0) carries file bytes; a bad redirect or error header is a
+    transfer error with the repo's name, never an internal error and never bytes written into the tensor."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                conn.sendall(answer)
+
+    threading.Thread(target=serve, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{server.getsockname()[1]}"
+    reader = range_reader.RangeReader("org/evil", SHA, endpoint=endpoint, token=False)
+    buffer = bytearray(16)
+    try:
+        with pytest.raises(HubTransferError, match=expected):
+            reader.fetch("model.safetensors", 8, memoryview(buffer))
+    finally:
+        reader.close()
+        server.close()
+    assert buffer == bytearray(16)

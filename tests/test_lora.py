@@ -373,3 +373,29 @@ def test_interrupted_adapted_merge_resumes_to_the_same_bytes(adapters, tmp_path,
         )
     result = warm_hub.merge(adapters, tmp_path / "warm", device="cpu", max_memory=7000, resume=True)
     assert result.resumed_chunks >= 9 and result.shards == fresh
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("lora_alpha", "8"),
+        ("lora_alpha", None),
+        ("r", 0),
+        ("alpha_pattern", ["q_proj"]),
+        ("rank_pattern", {"(": 2}),
+        ("modules_to_save", "score"),
+        ("base_model_name_or_path", ["a", "b"]),
+    ],
+)
+def test_a_hand_edited_adapter_config_is_refused_in_one_line(adapters, tmp_path, run_cli, key, value):
+    import shutil
+
+    from warm_hub.testing.cli_output import error_line
+
+    edited = shutil.copytree(adapters[0], tmp_path / "edited")
+    config = json.loads((edited / "adapter_config.json").read_text())
+    (edited / "adapter_config.json").write_text(json.dumps({**config, key: value}))
+    for command in (["inspect", edited], ["merge", edited, adapters[1], "--out", tmp_path / "warm"]):
+        code, _, err = run_cli(*command)
+        assert code == 1 and f"adapter_config.json's {key} is" in error_line(err, alone=True), err
+    assert not (tmp_path / "warm").exists()

@@ -162,3 +162,33 @@ def test_trl_reward_trainer_checkpoints_merge_and_load(tmp_path):
     second = AutoModelForSequenceClassification.from_pretrained(checkpoints[1])
     torch.testing.assert_close(model.score.weight, (first.score.weight + second.score.weight) / 2)
     assert not torch.equal(first.score.weight, second.score.weight)
+
+
+def test_damaged_side_files_are_refused_in_one_line_before_any_weight_moves(tmp_path, sentence_models, run_cli):
+    """A Dense module's weights that are not safetensors or hold other tensors, a modules.json nested past
+    Python's recursion limit and an `auto_map` that is a list: one line each, never an internal error."""
+    from safetensors.torch import save_file
+
+    from warm_hub.testing.cli_output import error_line
+
+    def refused(other, expected: str) -> None:
+        out = tmp_path / "out"
+        code, _, err = run_cli("merge", sentence_models[0], other, "--out", out, "--device", "cpu")
+        assert code == 1 and expected in error_line(err, alone=True), err
+        assert not out.exists() and not (tmp_path / "out.warm-hub-partial").exists()
+
+    broken = shutil.copytree(sentence_models[1], tmp_path / "broken")
+    (broken / "2_Dense" / "model.safetensors").write_bytes(b'\x08\x00\x00\x00\x00\x00\x00\x00{"a": 1}')
+    refused(broken, "broken/2_Dense/model.safetensors")
+    other = shutil.copytree(sentence_models[1], tmp_path / "other")
+    save_file({"linear.weight": torch.zeros(3, 3)}, str(other / "2_Dense" / "model.safetensors"))
+    refused(other, "2_Dense/model.safetensors holds other tensors")
+    deep = shutil.copytree(sentence_models[1], tmp_path / "deep")
+    (deep / "modules.json").write_text("[" * 100_000 + "]" * 100_000)
+    refused(deep, "modules.json")
+
+    listed = [shutil.copytree(p, tmp_path / f"listed-{i}") for i, p in enumerate(sentence_models)]
+    for folder in listed:
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "auto_map": ["x.Y"]}))
+    assert warm_hub.merge([str(p) for p in listed], tmp_path / "listed", device="cpu").out.is_dir()

@@ -7,6 +7,7 @@ reward model's `score` head). PEFT is never imported here: only `adapter_config.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -179,6 +180,8 @@ def _lora_module(label: str, module: str, pair: dict[str, TensorInfo], config: d
     if not (is_floating(a.dtype) and is_floating(b.dtype)):
         raise CheckpointFormatError(f"{label}: module {module!r} has non-float LoRA factors")
     rank = a.shape[0]
+    if rank == 0:
+        raise CheckpointFormatError(f"{label}: module {module!r} has LoRA factors of rank 0")
     expected = _pattern_value(config.get("rank_pattern") or {}, module, config.get("r", rank))
     if expected != rank:
         raise CheckpointFormatError(f"{label}: module {module!r} has rank {rank} but its config says {expected}")
@@ -202,7 +205,41 @@ def _read_config(source: IngredientSource) -> dict:
     config = read_json(source, ADAPTER_CONFIG, limit=MAX_ADAPTER_CONFIG_BYTES)
     if not isinstance(config, dict):
         raise CheckpointFormatError(f"{source.label}: {ADAPTER_CONFIG} is not a JSON object")
+    _check_config_values(source.label, config)
     return config
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_config_values(label: str, config: dict) -> None:
+    """The config values the merge computes with have the types PEFT gives them (a hand-edited or hostile
+    config must be refused in one line, not fail half-way through a computation)."""
+
+    def bad(key: str, expected: str) -> CheckpointFormatError:
+        shown = json.dumps(config.get(key))[:60]
+        return CheckpointFormatError(f"{label}: {ADAPTER_CONFIG}'s {key} is {shown}, not {expected}")
+
+    if "lora_alpha" in config and not _is_number(config["lora_alpha"]):
+        raise bad("lora_alpha", "a number")
+    if "r" in config and not (isinstance(config["r"], int) and not isinstance(config["r"], bool) and config["r"] > 0):
+        raise bad("r", "a positive whole number")
+    for key in ("alpha_pattern", "rank_pattern"):
+        patterns = config.get(key) or {}
+        if not isinstance(patterns, dict) or not all(_is_number(v) for v in patterns.values()):
+            raise bad(key, "an object of numbers")
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error:
+                raise bad(key, "an object keyed by regular expressions") from None
+    saved = config.get("modules_to_save")
+    if saved is not None and not (isinstance(saved, list) and all(isinstance(m, str) for m in saved)):
+        raise bad("modules_to_save", "a list of module names")
+    base = config.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        raise bad("base_model_name_or_path", "a path or Hub id")
 
 
 def load_tensor(source: IngredientSource, info: TensorInfo):

@@ -295,10 +295,10 @@ def sample_candidates(
     cache_path = None
     if cache_dir is not False:
         cache_path = Path(cache_dir or default_cache_dir()) / f"{sampling_key(identity, prompts, sampling)}.json"
-        if cache_path.is_file():
-            document = json.loads(cache_path.read_text(encoding="utf-8"))
+        cached = _read_cache(cache_path, len(prompts), sampling.n)
+        if cached is not None:
             logger.info("best-of-N: %d x %d candidates read from the cache %s", len(prompts), sampling.n, cache_path)
-            return document["candidates"]
+            return cached
     candidates = _generate(
         repo_id or policy, revision, prompts, sampling, device=device, dtype=dtype, token=token, tqdm_class=tqdm_class
     )
@@ -336,6 +336,29 @@ def _prompt_ids(tokenizer, prompt) -> list[int]:
     return list(ids)
 
 
+def _read_cache(path: Path, prompts: int, n: int) -> list[list[str]] | None:
+    """The cached candidates at `path`, or None (sampled again) when absent or not a cache of this shape: a
+    damaged or foreign file in the cache folder is replaced, never trusted or fatal."""
+    if not path.is_file():
+        return None
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+        candidates = document["candidates"]
+        usable = (
+            document.get("format") == CACHE_FORMAT
+            and document.get("version") == CACHE_VERSION
+            and isinstance(candidates, list)
+            and len(candidates) == prompts
+            and all(isinstance(c, list) and len(c) == n and all(isinstance(t, str) for t in c) for c in candidates)
+        )
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError, KeyError, TypeError, AttributeError):
+        usable = False
+    if not usable:
+        logger.warning("best-of-N: ignoring the unreadable cache file %s; sampling again", path)
+        return None
+    return candidates
+
+
 def _generate(
     policy: str, revision, prompts, sampling: SamplingConfig, *, device, dtype, token, tqdm_class
 ) -> list[list[str]]:
@@ -343,10 +366,11 @@ def _generate(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .finetune.progress import quiet_transformers
+    from .merging import resolve_device
 
     if tqdm_class is None:
         from huggingface_hub.utils import tqdm as tqdm_class
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device or "auto")  # an unknown or missing device: one line
     if dtype is None or dtype == "auto":
         torch_dtype = torch.float32 if torch.device(device).type == "cpu" else "auto"
     else:

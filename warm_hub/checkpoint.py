@@ -124,7 +124,7 @@ def _explicit_weights(source: IngredientSource, files: list[str]) -> str | None:
 
 def _check_inside(source: IngredientSource, file: str, *, what: str) -> None:
     normal = posixpath.normpath(file)
-    if file.startswith(("/", "\\")) or normal.split("/")[0] == ".." or "\\" in file or ":" in file:
+    if file.startswith(("/", "\\")) or normal.split("/")[0] == ".." or "\\" in file or ":" in file or "\0" in file:
         raise CheckpointFormatError(f"{source.label}: {what} names {file!r}, outside the checkpoint folder")
 
 

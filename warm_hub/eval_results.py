@@ -288,6 +288,12 @@ class EvalResults:
         seeds = data.get("seeds")
         if seeds is not None and not (isinstance(seeds, dict) and isinstance(seeds.get("splits"), dict)):
             raise bad('"seeds" must hold "seeds" and "splits"')
+        for split, by_model in (seeds or {}).get("splits", {}).items():
+            if not isinstance(by_model, dict) or not all(
+                isinstance(entry, dict) and all(_is_number(entry.get(key)) for key in ("mean", "se"))
+                for entry in by_model.values()
+            ):
+                raise bad(f'seeds/{split}: each model must have a numeric "mean" and "se"')
         return cls(
             splits=clean,
             dataset_name=_text(dataset.get("name")) or _text(dataset.get("type")),
@@ -417,14 +423,18 @@ def _check_split(split: object, models: object, bad) -> dict[str, dict[str, Any]
             if (
                 not isinstance(ci, list)
                 or len(ci) != 2
-                or not all(isinstance(x, int | float) for x in ci)
-                or not 0 <= ci[0] <= accuracy + 1e-6
-                and accuracy - 1e-6 <= ci[1] <= 1
+                or not all(isinstance(x, int | float) and not isinstance(x, bool) for x in ci)
+                or not 0 <= ci[0] <= ci[1] <= 1
             ):
-                raise bad(f'{split}/{model}: "ci" must be [low, high] around the accuracy, within [0, 1]')
+                # Not necessarily around the accuracy: a bootstrap percentile interval need not contain it.
+                raise bad(f'{split}/{model}: "ci" must be [low, high] within [0, 1]')
             entry["ci"] = [float(ci[0]), float(ci[1])]
         clean[str(model)] = entry
     return clean
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _text(value: object) -> str | None:

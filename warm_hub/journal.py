@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from .constants import JOURNAL_NAME
@@ -36,12 +37,17 @@ class ResumeJournal:
         return cls(path, chunk=chunk, done=set())
 
     @classmethod
-    def load(cls, folder: Path, *, fingerprint: str) -> ResumeJournal | None:
+    def load(
+        cls, folder: Path, *, fingerprint: str, usable_chunk: Callable[[int], bool] = lambda chunk: chunk > 0
+    ) -> ResumeJournal | None:
         """The journal of an interrupted merge of the same plan, or None when there is nothing to resume.
 
+        `usable_chunk` says whether a chunk size is one the engine could have chosen (the journal sits on the
+        user's disk: a damaged one must not reach the engine).
+
         Raises:
-            ResumeMismatchError: the journal was written for another plan (other inputs, weights or layout), or
-                by a warm-hub that numbers chunks another way.
+            ResumeMismatchError: the journal was written for another plan (other inputs, weights or layout), by a
+                warm-hub that numbers chunks another way, or its chunk size is damaged.
         """
         path = folder / JOURNAL_NAME
         if not path.is_file():
@@ -49,8 +55,8 @@ class ResumeJournal:
         lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
         try:
             head = json.loads(lines[0])
-            chunk = int(head["chunk"])
-        except (ValueError, KeyError, TypeError):
+            chunk = head["chunk"]
+        except (ValueError, KeyError, TypeError, RecursionError):  # a head cut short: nothing was done yet
             return None
         if head.get("fingerprint") != fingerprint:
             raise ResumeMismatchError(
@@ -61,8 +67,12 @@ class ResumeJournal:
                 f"{folder} holds a partial merge written by another version of warm-hub, which divides the work"
                 " differently; rerun without --resume to start over"
             )
+        if not isinstance(chunk, int) or isinstance(chunk, bool) or not usable_chunk(chunk):
+            raise ResumeMismatchError(
+                f"{folder}'s journal is damaged (chunk size {str(chunk)[:20]}); rerun without --resume to start over"
+            )
         # Only newline-terminated lines count: a line cut short by a crash is simply done again.
-        done = {int(line) for line in lines[1:-1] if line.isdigit()}
+        done = {int(line) for line in lines[1:-1] if line.isascii() and line.isdigit()}
         return cls(path, chunk=chunk, done=done)
 
     def done(self) -> set[int]:

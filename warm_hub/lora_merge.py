@@ -63,7 +63,7 @@ def is_reward_adapter_on_causal_lm(adapters: Sequence[Adapter], base_config: dic
     return (
         any(a.task_type == "SEQ_CLS" for a in adapters)
         and bool(architectures)
-        and all(name.endswith("ForCausalLM") for name in architectures)
+        and all(isinstance(name, str) and name.endswith("ForCausalLM") for name in architectures)
     )
 
 

@@ -40,7 +40,6 @@ from .errors import (
     InvalidOptionError,
     NonFiniteWeightsError,
     OutputOverlapsInputError,
-    ResumeMismatchError,
     WarmHubError,
 )
 from .journal import ResumeJournal
@@ -127,8 +126,16 @@ def output_target(out: Path) -> Path:
     """Where the output is written: `out` itself, or for a link to a folder, the folder it points to.
 
     Writing through keeps the link valid (it then points to the merge); replacing the link itself would leave the
-    old folder behind under another name.
+    old folder behind under another name. A path without a name of its own (`.`, `x/..`) is made absolute first,
+    so that the partial folder and the lock go beside the output, not inside it.
+
+    Raises:
+        InvalidOptionError: the path names no folder that could be replaced (the file system's root).
     """
+    if out.name in ("", ".."):
+        out = Path(os.path.abspath(out))
+        if not out.name:
+            raise InvalidOptionError(f"--out {out} is the file system's root; choose a folder to write the model to")
     if out.is_symlink() and out.is_dir():
         return out.resolve()
     return out
@@ -254,12 +261,7 @@ def merge(
         fingerprint = plan.fingerprint([s.identity() for s in read_from])
         partial = partial_folder(out)
         # Outside the clean-up below: a refused --resume keeps the partial folder it refused.
-        journal = ResumeJournal.load(partial, fingerprint=fingerprint) if resume else None
-        if journal is not None and not usable_chunk(journal.chunk):
-            journal.close()
-            raise ResumeMismatchError(
-                f"{partial}'s journal is damaged (chunk size {journal.chunk}); rerun without --resume to start over"
-            )
+        journal = ResumeJournal.load(partial, fingerprint=fingerprint, usable_chunk=usable_chunk) if resume else None
         try:
             if journal is None:
                 journal = _start_partial(plan, read_from, partial, fingerprint, torch_device, memory)

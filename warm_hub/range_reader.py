@@ -163,7 +163,12 @@ class RangeReader:
             headers = {"Range": f"bytes={start}-{end}", "Accept-Encoding": "identity"}
             if _is_hub_url(url, self.endpoint):
                 headers = {**self._request_headers(), **headers}
-            origin, connection, target = self._connection(url)
+            try:
+                origin, connection, target = self._connection(url)
+            except (ValueError, http.client.InvalidURL) as exc:  # a malformed location or proxy (port, host)
+                raise HubTransferError(f"{self.repo_id}/{name}: cannot connect to {url[:200]!r} ({exc})") from None
+            except OSError as exc:  # refused, DNS, TLS, timeout: retried like a drop
+                return written, exc
             reusable = False
             try:
                 connection.request("GET", target, headers=headers)
@@ -173,6 +178,7 @@ class RangeReader:
                     response.read()
                     reusable = not response.will_close
                     url = urljoin(url, response.getheader("Location"))
+                    _origin(url)  # ValueError (below) on a location no connection can be made to
                     if not _is_hub_url(url, self.endpoint):
                         with self._lock:
                             self._locations[name] = url
@@ -189,6 +195,8 @@ class RangeReader:
                     return 0, _Retry(f"HTTP {status}", retry_after=_retry_after(response.getheader("Retry-After")))
                 if status >= 400:
                     self._raise_for_status(name, url, response)
+                if status not in (200, 206):  # 201, 204, 304, a redirect without a location: no bytes of the file
+                    raise HubTransferError(f"{self.repo_id}/{name}: the server answered HTTP {status} to a range read")
                 if status == 200 and start != 0:
                     raise HubTransferError(
                         f"{self.repo_id}/{name}: the server ignored the Range request (it sent the whole file), so"
@@ -211,6 +219,10 @@ class RangeReader:
                 raise
             except (OSError, http.client.HTTPException) as exc:  # drops, resets, timeouts, malformed answers
                 return written, exc
+            except ValueError as exc:  # a redirect to a location with an impossible port or host
+                raise HubTransferError(
+                    f"{self.repo_id}/{name}: the server redirected to an invalid location ({exc})"
+                ) from None
             finally:
                 if reusable:
                     self._give_back(origin, connection)
@@ -224,11 +236,16 @@ class RangeReader:
         from huggingface_hub.utils import hf_raise_for_status
 
         body = response.read()
-        answer = httpx2.Response(
-            response.status, headers=response.getheaders(), content=body, request=httpx2.Request("GET", url)
-        )
-        with hub_errors(self.repo_id, revision=self.revision, token=self.token, what=name):
-            hf_raise_for_status(answer)
+        try:
+            answer = httpx2.Response(
+                response.status, headers=response.getheaders(), content=body, request=httpx2.Request("GET", url)
+            )
+            with hub_errors(self.repo_id, revision=self.revision, token=self.token, what=name):
+                hf_raise_for_status(answer)
+        except WarmHubError:
+            raise
+        except (UnicodeError, ValueError, httpx2.HTTPError):  # headers or body too malformed to read the error from
+            pass
         raise HubTransferError(f"{self.repo_id}/{name}: the Hub answered HTTP {response.status}")
 
     def _request_headers(self) -> dict[str, str]:

@@ -88,7 +88,9 @@ class RewardModel:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        from .merging import resolve_device
+
+        device = resolve_device(device or "auto")  # an unknown or missing device: one line
         if dtype is None or dtype == "auto":
             torch_dtype = torch.float32 if torch.device(device).type == "cpu" else "auto"
         else:

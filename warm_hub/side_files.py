@@ -135,6 +135,7 @@ def plan_side_files(
                 for source in sources[1:]:
                     if name not in source.list_files():
                         raise IncompatibleCheckpointsError(f"cannot merge: {source.label} lacks {name}")
+                _check_module_weights(sources, name)
                 plan.averaged.append(name)
             else:
                 _compare(sources, name, plan, strict=True)
@@ -142,6 +143,30 @@ def plan_side_files(
     for warning in plan.warnings:
         logger.warning(warning)
     return plan
+
+
+def _check_module_weights(sources: list[IngredientSource], name: str) -> None:
+    """Every ingredient's copy of a module's weights is a valid safetensors file holding the same tensors: checked
+    from the headers before any weight moves (the files are averaged after the model's weights).
+
+    Raises:
+        CheckpointFormatError: a copy is not a valid safetensors file.
+        IncompatibleCheckpointsError: the copies differ in tensor names, shapes or kinds of dtype.
+    """
+    from .checkpoint import read_header
+    from .safetensors_io import is_floating
+
+    def layout(source: IngredientSource) -> dict:
+        tensors = read_header(source, name).tensors
+        return {t.name: (t.shape, True if is_floating(t.dtype) else t.dtype) for t in tensors}
+
+    reference = layout(sources[0])
+    for source in sources[1:]:
+        if layout(source) != reference:
+            raise IncompatibleCheckpointsError(
+                f"cannot merge: {source.label}'s {name} holds other tensors than {sources[0].label}'s"
+                " (names, shapes or dtypes)"
+            )
 
 
 def average_module_weights(paths: list[Path], out: Path, *, weights: list[float], dtype: str | None = None) -> None:
@@ -191,7 +216,7 @@ def _module_folders(source: IngredientSource, files: set[str]) -> list[str]:
     try:
         modules = json.loads(_fetch(source, MODULES_FILE).read_text(encoding="utf-8"))
         paths = [str(m.get("path", "")) for m in modules]
-    except (ValueError, AttributeError, TypeError):
+    except (ValueError, AttributeError, TypeError, RecursionError):
         raise IncompatibleCheckpointsError(f"{source.label}: {MODULES_FILE} is not a list of modules") from None
     folders = []
     for path in paths:
@@ -206,6 +231,8 @@ def _module_folders(source: IngredientSource, files: set[str]) -> list[str]:
 def _auto_map_code(config: dict | None) -> set[str]:
     """The code files a config's `auto_map` refers to (`"modeling_x.MyModel"` -> `modeling_x.py`)."""
     auto_map = (config or {}).get("auto_map") or {}
+    if not isinstance(auto_map, dict):  # not something transformers could follow to code either
+        return set()
     names = set()
     for value in auto_map.values():
         for ref in value if isinstance(value, list) else [value]:
@@ -223,7 +250,7 @@ def _content(source: IngredientSource, name: str) -> bytes | None:
         return data
     try:
         value = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         return data
     if name == ST_CONFIG_FILE and isinstance(value, dict):
         value.pop("__version__", None)

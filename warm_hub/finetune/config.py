@@ -99,6 +99,15 @@ class FinetuneConfig:
             raise InvalidOptionError(f"--members must be at least 1, got {self.members}")
         if not self.learning_rates or any(lr <= 0 for lr in self.learning_rates):
             raise InvalidOptionError(f"learning rates must be positive, got {self.learning_rates}")
+        if self.linear_probe and not self.probe_learning_rate > 0:
+            raise InvalidOptionError(f"--probe-learning-rate must be positive, got {self.probe_learning_rate}")
+        from transformers import SchedulerType
+
+        schedulers = [s.value for s in SchedulerType]
+        if self.lr_scheduler_type not in schedulers:
+            raise InvalidOptionError(
+                f"unknown --lr-scheduler {self.lr_scheduler_type!r} (choose from {', '.join(schedulers)})"
+            )
         if self.dropouts is not None and (not self.dropouts or any(not 0 <= p < 1 for p in self.dropouts)):
             raise InvalidOptionError(f"dropouts must lie in [0, 1), got {self.dropouts}")
         if not 0 <= self.corrupt_labels <= 1:

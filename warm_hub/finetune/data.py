@@ -74,14 +74,17 @@ def load_data_source(source: str | Path, *, split: str = "train", revision: str 
                 # What the checks above cannot see (a damaged parquet row group, ...): still one line.
                 cause = exc.__cause__ or exc
                 raise PreferenceDataError(f"{path.name}: cannot be read as {builder} ({_first_line(cause)})") from exc
-    elif path.is_dir():
-        if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
-            loaded = datasets.load_from_disk(str(path))
-            dataset = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
-        else:
-            dataset = datasets.load_dataset(str(path), split=split)
-    elif _HUB_DATASET_ID.fullmatch(str(source)) and not str(source).startswith((".", "/")):
-        dataset = datasets.load_dataset(str(source), split=split, revision=revision, token=token)
+    elif path.is_dir() or _HUB_DATASET_ID.fullmatch(str(source)) and not str(source).startswith((".", "/")):
+        try:
+            if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "state.json").is_file()):
+                loaded = datasets.load_from_disk(str(path))
+                dataset = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+            elif path.is_dir():
+                dataset = datasets.load_dataset(str(path), split=split)
+            else:
+                dataset = datasets.load_dataset(str(source), split=split, revision=revision, token=token)
+        except (KeyError, ValueError) as exc:  # no such split, or files datasets cannot read
+            raise PreferenceDataError(f"{source}: cannot load split {split!r} ({_first_line(exc)})") from None
     else:
         raise SourceNotFoundError(f"data {str(source)!r} is neither a local file or folder nor a Hub id")
     return dataset
@@ -120,8 +123,8 @@ def check_data_file(path: Path) -> None:
                 rows = json.loads(f.read().decode("utf-8"))
             except UnicodeDecodeError as exc:
                 raise PreferenceDataError(f"{path.name}: not UTF-8 text (byte {exc.start})") from None
-            except ValueError as exc:
-                raise PreferenceDataError(f"{path.name}: not valid JSON ({exc})") from None
+            except (ValueError, RecursionError) as exc:
+                raise PreferenceDataError(f"{path.name}: not valid JSON ({type(exc).__name__})") from None
             if not rows or not all(isinstance(r, dict) for r in rows):
                 raise PreferenceDataError(f"{path.name}: expected a non-empty JSON array of objects")
             return
@@ -138,6 +141,8 @@ def check_data_file(path: Path) -> None:
                 row = json.loads(line)
             except ValueError as exc:
                 raise PreferenceDataError(f"{path.name} line {number}: not JSON ({exc.msg})") from None
+            except RecursionError:
+                raise PreferenceDataError(f"{path.name} line {number}: JSON nested too deeply") from None
             if not isinstance(row, dict):
                 raise PreferenceDataError(
                     f"{path.name} line {number}: expected a JSON object, got {type(row).__name__}"

@@ -167,7 +167,10 @@ def wrap_with_lora(model, config: FinetuneConfig, head_names: list[str], *, base
     )
     if config.gradient_checkpointing:
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need a grad input
-    peft_model = get_peft_model(model, lora)
+    try:
+        peft_model = get_peft_model(model, lora)
+    except ValueError as exc:  # PEFT's "Target modules {...} not found in the base model", and the like
+        raise InvalidOptionError(f"--lora-target: {str(exc).splitlines()[0][:300]}") from None
     # Set after wrapping: PEFT names the loaded model's own path (the user's base) at get_peft_model.
     peft_model.peft_config["default"].base_model_name_or_path = base
     return peft_model
