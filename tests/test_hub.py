@@ -566,3 +566,21 @@ def test_a_hostile_answer_to_a_range_read_is_one_error_never_data(answer, expect
         reader.close()
         server.close()
     assert buffer == bytearray(16)
+
+
+def test_a_kept_alive_connection_closed_while_idle_is_replaced_at_once(blob, monkeypatch):
+    """Servers close idle keep-alive connections: the next request on one fails before any answer, which is
+    retried on a new connection right away, not counted as a failure with a backoff."""
+    import socket
+
+    server, data, reader = blob
+    buffer = bytearray(100)
+    reader.fetch("model.safetensors", 0, memoryview(buffer))
+    idle = [c for connections in reader._idle.values() for c in connections]
+    assert idle
+    for connection in idle:
+        connection.sock.shutdown(socket.SHUT_RDWR)
+    waits = []
+    monkeypatch.setattr(range_reader.time, "sleep", waits.append)
+    reader.fetch("model.safetensors", 1000, memoryview(buffer))
+    assert buffer == data[1000:1100] and waits == []

@@ -164,15 +164,16 @@ class RangeReader:
             if _is_hub_url(url, self.endpoint):
                 headers = {**self._request_headers(), **headers}
             try:
-                origin, connection, target = self._connection(url)
+                origin, connection, target, reused = self._connection(url)
             except (ValueError, http.client.InvalidURL) as exc:  # a malformed location or proxy (port, host)
                 raise HubTransferError(f"{self.repo_id}/{name}: cannot connect to {url[:200]!r} ({exc})") from None
             except OSError as exc:  # refused, DNS, TLS, timeout: retried like a drop
                 return written, exc
-            reusable = False
+            reusable = answered = False
             try:
                 connection.request("GET", target, headers=headers)
                 response = connection.getresponse()
+                answered = True
                 status = response.status
                 if status in _REDIRECT_STATUS and response.getheader("Location"):
                     response.read()
@@ -218,6 +219,9 @@ class RangeReader:
             except WarmHubError:
                 raise
             except (OSError, http.client.HTTPException) as exc:  # drops, resets, timeouts, malformed answers
+                stale = isinstance(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError))
+                if reused and not answered and stale:  # closed by the server while idle: a new one, at once
+                    continue
                 return written, exc
             except ValueError as exc:  # a redirect to a location with an impossible port or host
                 raise HubTransferError(
@@ -260,8 +264,9 @@ class RangeReader:
 
     # ---- connections ---------------------------------------------------------------------------------------
 
-    def _connection(self, url: str) -> tuple[Origin, http.client.HTTPConnection, str]:
-        """An idle connection to `url`'s origin (or a new one), and the request target to send on it."""
+    def _connection(self, url: str) -> tuple[Origin, http.client.HTTPConnection, str, bool]:
+        """An idle connection to `url`'s origin (or a new one), the request target to send on it, and whether the
+        connection was reused (the server may have closed it while it was idle)."""
         origin = _origin(url)
         parts = urlsplit(url)
         target = parts.path + (f"?{parts.query}" if parts.query else "")
@@ -271,7 +276,7 @@ class RangeReader:
         with self._lock:
             idle = self._idle.get(origin)
             if idle:
-                return origin, idle.pop(), target
+                return origin, idle.pop(), target, True
         scheme, host, port = origin
         connect_to = _origin(proxy) if proxy is not None else origin
         if scheme == "https":
@@ -284,7 +289,7 @@ class RangeReader:
             connection.set_tunnel(host, port)
         connection.connect()
         connection.sock.settimeout(READ_TIMEOUT)
-        return origin, connection, target
+        return origin, connection, target, False
 
     def _give_back(self, origin: Origin, connection: http.client.HTTPConnection) -> None:
         with self._lock:
