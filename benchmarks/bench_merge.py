@@ -218,7 +218,9 @@ def main() -> None:
         "--baseline",
         type=Path,
         help="a folder holding another version's `warm_hub` package (e.g. from `git archive`): its merge is timed"
-        " in the same round-robin, to compare two versions in one run",
+        " in the same round-robin, to compare two versions in one run. Only `warm_hub/` (with its C kernel) comes"
+        " from there: `warm_hub.kernels` (Triton, unused by CPU merges) and the card templates are the installed"
+        " tree's",
     )
     parser.add_argument(
         "--mergekit",
