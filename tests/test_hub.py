@@ -584,3 +584,21 @@ def test_a_kept_alive_connection_closed_while_idle_is_replaced_at_once(blob, mon
     monkeypatch.setattr(range_reader.time, "sleep", waits.append)
     reader.fetch("model.safetensors", 1000, memoryview(buffer))
     assert buffer == data[1000:1100] and waits == []
+
+
+def test_training_leftovers_in_a_hub_repo_are_not_fetched(hub_server, members, tmp_path):
+    """Only the small files a merge reads are prefetched: not `checkpoint-*/` state or evaluation dumps."""
+    import shutil
+
+    folder = shutil.copytree(members[0], tmp_path / "with-leftovers")
+    (folder / "checkpoint-5").mkdir()
+    (folder / "checkpoint-5" / "trainer_state.json").write_text("{}")
+    (folder / "eval" / "dump").mkdir(parents=True)
+    (folder / "eval" / "dump" / "predictions.json").write_text("[]")
+    hub_server.upload_folder("org/leftovers", folder)
+    hub_server.upload_folder("org/a", members[0])
+    hub_server.requests.clear()
+    merge(["org/leftovers", "org/a"], tmp_path / "warm")
+    fetched = {r.path for r in hub_server.requests}
+    assert not [p for p in fetched if "trainer_state" in p or "predictions" in p], sorted(fetched)
+    assert any(p.endswith("/config.json") for p in fetched)

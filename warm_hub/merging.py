@@ -11,6 +11,7 @@ import contextlib
 import gc
 import json
 import os
+import re
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -407,13 +408,24 @@ def read_metadata(sources: list[IngredientSource]) -> tuple[list, list[dict | No
         return checkpoints, configs
 
 
-# Small files that the compatibility checks and the output read from each ingredient (tokenizer, side files).
+# Small files that the compatibility checks and the output read from each ingredient (tokenizer, side files):
+# at the top level or in a sentence-transformers module folder (`1_Pooling/`), never training leftovers
+# (`checkpoint-500/trainer_state.json`, evaluation dumps), and not beyond a size no such file reaches.
 _SMALL_FILE_SUFFIXES = (".json", ".txt", ".model", ".jinja")
+_MODULE_FOLDER = re.compile(r"[0-9]+_[^/]+")
+_PREFETCH_LIMIT = 64 * 10**6
 
 
 def _prefetch_small_files(source: IngredientSource) -> None:
     """Bring a Hub ingredient's small files into the local cache at its pinned commit, all at once."""
-    names = [n for n in source.list_files() if n.endswith(_SMALL_FILE_SUFFIXES) and n != SAFE_INDEX]
+    names = [
+        n
+        for n in source.list_files()
+        if n.endswith(_SMALL_FILE_SUFFIXES)
+        and n != SAFE_INDEX
+        and ("/" not in n or n.count("/") == 1 and _MODULE_FOLDER.fullmatch(n.split("/")[0]))
+        and source.file_size(n) <= _PREFETCH_LIMIT
+    ]
     with ThreadPoolExecutor(max_workers=8, thread_name_prefix="warm-prefetch") as pool:
         for future in [pool.submit(source.fetch, name) for name in names]:
             future.exception()

@@ -158,11 +158,17 @@ class LocalSource(IngredientSource):
         self._links_root = _cache_repo_root(self.root)
         self._open: OrderedDict[str, _OpenFile] = OrderedDict()  # least recently used first
         self._lock = threading.Lock()
+        self._files: tuple[str, ...] | None = None
 
     def list_files(self) -> list[str]:
+        """The folder's files, listed once (a merge asks many times; a training folder can hold thousands)."""
         if self._only:
             return [self._only]
-        return sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file())
+        if self._files is None:
+            self._files = tuple(
+                sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file())
+            )
+        return list(self._files)
 
     def _resolve(self, name: str) -> Path:
         candidate = (self.root / name).resolve()
