@@ -277,3 +277,13 @@ def test_cli_evaluate_writes_json_and_plot(run_cli, tmp_path, members, rows):
         load_results(tmp_path / "other.json")
     code, _, err = run_cli("evaluate", members[0], "--data", test, "--interpolate", "0,0")
     assert code != 0 and "differ" in err
+
+
+def test_the_comparison_on_the_split_a_member_was_picked_on_says_so():
+    from warm_hub.evaluate import comparisons_table
+
+    picked = {"a": "warm", "b": "member-1", "difference": 0.01, "ci": [-0.02, 0.04], "selected_on": "test"}
+    document = {"comparisons": [{**picked, "split": "test"}, {**picked, "split": "ood"}]}
+    rows = comparisons_table(document)
+    assert rows[1][1:3] == ["member-1 (best on test)", "test (picked there)"]
+    assert rows[2][1:3] == ["member-1 (best on test)", "ood"]

@@ -105,7 +105,6 @@ def test_multi_output_classifier_is_refused(tmp_path):
 
 def test_a_huge_text_is_cut_before_tokenizing_and_scores_as_its_end(rm, monkeypatch):
     """One 20 MB line used to take a minute and 5 GB: the end that the model reads is all that gets tokenized."""
-    import time
 
     from warm_hub import text_rule
 
@@ -123,9 +122,7 @@ def test_a_huge_text_is_cut_before_tokenizing_and_scores_as_its_end(rm, monkeypa
         return real(tokenizer, texts)
 
     monkeypatch.setattr(text_rule, "_tokenize", tokenize)
-    started = time.perf_counter()
-    scores = rm.score(prompt, [huge, runs])
-    assert time.perf_counter() - started < 5
+    scores = rm.score(prompt, [huge, runs])  # the bound on what is tokenized (below) is what keeps this fast
     assert len(huge) > 10**6 and max(seen) <= len(runs) + len(prompt) + 1  # never the whole huge text
     assert scores == pytest.approx([rm.score_ids([ids])[0] for ids in full], abs=1e-6)
     # Texts below the cut are tokenized whole: results for normal texts do not change.

@@ -274,3 +274,7 @@ def test_ties_rows_need_their_ids():
     with pytest.raises(InvalidOptionError, match="ref:N"):
         benchmark_split([row], name="rb2", source="rb2.jsonl")
     assert benchmark_split([{**row, "id": "tied:12"}], name="rb2", source="rb2.jsonl").ids == ["tied:12"]
+    with pytest.raises(InvalidOptionError, match="ref:N"):
+        benchmark_split([{**row, "id": "tied:²"}], name="rb2", source="rb2.jsonl")
+    with pytest.raises(InvalidOptionError, match="'tied:12' is given twice"):
+        benchmark_split([{**row, "id": "tied:12"}, {**row, "id": "tied:12"}], name="rb2", source="rb2.jsonl")

@@ -172,6 +172,7 @@ def benchmark_split(
     if fmt is None:
         return None
     prompts, chosen, rejected, subsets, ids = [], [], [], [], []
+    ties_ids: dict[str, int] = {}
     for i, row in enumerate(rows):
         c, r = row.get("chosen"), row.get("rejected")
         c, r = ([c], [r]) if fmt == REWARDBENCH else (c, r)
@@ -187,8 +188,12 @@ def benchmark_split(
         row_id = str(row.get("id", i))
         if fmt == REWARDBENCH_2 and subset.lower() == TIES_SUBSET:
             kind, _, pid = row_id.partition(":")
-            if kind not in ("ref", "tied") or not pid.isdigit():
+            if kind not in ("ref", "tied") or not (pid.isascii() and pid.isdigit()):
                 raise InvalidOptionError(f"{source}: Ties row ids must read 'ref:N' or 'tied:N', got {row_id!r}")
+            if row_id in ties_ids:  # one would silently replace the other in the score
+                first = ties_ids[row_id]
+                raise InvalidOptionError(f"{source}: Ties row id {row_id!r} is given twice (rows {first} and {i})")
+            ties_ids[row_id] = i
         prompts.append(row.get("prompt"))
         chosen.append(list(c))
         rejected.append(list(r))
@@ -371,11 +376,7 @@ def _ties_score(split: BenchmarkSplit, rows, index: list[int], rng) -> tuple[flo
     """
     stats: dict[str, dict[int, tuple[bool, float, float]]] = {"ref": {}, "tied": {}}
     for i in index:
-        kind, _, pid = split.ids[i].partition(":")
-        if kind not in stats or not pid.lstrip("-").isdigit():
-            raise InvalidOptionError(
-                f"{split.source}: Ties row ids must read 'ref:N' or 'tied:N', got {split.ids[i]!r}"
-            )
+        kind, _, pid = split.ids[i].partition(":")  # checked when the split was read
         chosen, rejected = rows[i]
         spread = max(chosen) - min(chosen) if len(chosen) > 1 else np.nan
         margin = min(chosen) - max(rejected)

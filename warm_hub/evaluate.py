@@ -461,5 +461,7 @@ def comparisons_table(document: dict) -> list[list[str]]:
     rows = [["a", "b", "split", "a - b [95% CI]"]]
     for c in document.get("comparisons") or []:
         b = f"{c['b']} (best on {c['selected_on']})" if c.get("selected_on") else c["b"]
-        rows.append([c["a"], b, c["split"], f"{c['difference']:+.3f} [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]"])
+        # On the split the member was picked on, its accuracy is flattered (winner's curse): say so.
+        split = f"{c['split']} (picked there)" if c.get("selected_on") == c["split"] else c["split"]
+        rows.append([c["a"], b, split, f"{c['difference']:+.3f} [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]"])
     return rows
