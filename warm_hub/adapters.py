@@ -12,7 +12,8 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from .checkpoint import read_header, read_json
+from .checkpoint import read_header
+from .configs import read_json
 from .constants import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from .errors import CheckpointFormatError, PickleCheckpointError, UnsupportedAdapterError
 from .safetensors_io import TensorInfo, is_floating

@@ -6,14 +6,13 @@ transformers loads them with, validates every header and the index, and returns 
 
 from __future__ import annotations
 
-import json
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from huggingface_hub.utils import logging
 
-from .configs import load_config
+from .configs import load_config, read_json
 from .constants import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CONFIG_NAME, SAFE_INDEX, SAFE_SINGLE
 from .errors import AdapterNotSupportedError, CheckpointFormatError, PickleCheckpointError
 from .safetensors_io import MAX_HEADER_BYTES, ShardHeader, TensorInfo, parse_header, parse_header_length
@@ -126,21 +125,6 @@ def _check_inside(source: IngredientSource, file: str, *, what: str) -> None:
     normal = posixpath.normpath(file)
     if file.startswith(("/", "\\")) or normal.split("/")[0] == ".." or "\\" in file or ":" in file or "\0" in file:
         raise CheckpointFormatError(f"{source.label}: {what} names {file!r}, outside the checkpoint folder")
-
-
-def read_json(source: IngredientSource, name: str, *, limit: int) -> object:
-    """A small JSON file of a checkpoint (index, adapter config), read whole after checking its size.
-
-    Raises:
-        CheckpointFormatError: larger than `limit` bytes, or not valid UTF-8 JSON.
-    """
-    size = source.file_size(name)
-    if size > limit:
-        raise CheckpointFormatError(f"{source.label}: {name} is {size} bytes, over the sane limit")
-    try:
-        return json.loads(source.read_bytes(name, 0, size).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise CheckpointFormatError(f"{source.label}: {name} is not valid JSON") from None
 
 
 def _read_index(source: IngredientSource, name: str) -> dict[str, str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable
-from pathlib import Path
 
 from .constants import CONFIG_NAME
 from .errors import CheckpointFormatError
@@ -57,22 +56,25 @@ def load_config(source: IngredientSource) -> dict | None:
     """
     if CONFIG_NAME not in source.list_files():
         return None
-    path = source.fetch(CONFIG_NAME)
-    if path is None:
-        return None
-    return read_config_file(path, label=source.label)
-
-
-def read_config_file(path: Path, *, label: str) -> dict:
-    if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise CheckpointFormatError(f"{label}: config.json is over {MAX_CONFIG_BYTES} bytes")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise CheckpointFormatError(f"{label}: config.json is not valid JSON") from None
+    config = read_json(source, CONFIG_NAME, limit=MAX_CONFIG_BYTES)
     if not isinstance(config, dict):
-        raise CheckpointFormatError(f"{label}: config.json is not a JSON object")
+        raise CheckpointFormatError(f"{source.label}: {CONFIG_NAME} is not a JSON object")
     return config
+
+
+def read_json(source: IngredientSource, name: str, *, limit: int) -> object:
+    """A small JSON file of a checkpoint (config, index, adapter config), read whole after checking its size.
+
+    Raises:
+        CheckpointFormatError: larger than `limit` bytes, or not valid UTF-8 JSON.
+    """
+    size = source.file_size(name)
+    if size > limit:
+        raise CheckpointFormatError(f"{source.label}: {name} is {size} bytes, over the sane limit")
+    try:
+        return json.loads(source.read_bytes(name, 0, size).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise CheckpointFormatError(f"{source.label}: {name} is not valid JSON") from None
 
 
 def is_diversity_key(key: str) -> bool:
