@@ -517,10 +517,10 @@ def best_of_n(
     )
     if ensemble and ENSEMBLE_NAME in labels:
         raise InvalidOptionError(f"a proxy is named {ENSEMBLE_NAME!r}, as the ensemble is: rename its folder")
-    members = [
+    members = [  # only the ensemble needs to know (a Hub request per Hub proxy)
         label
         for label, p in zip(labels, proxies, strict=True)
-        if isinstance(p, RewardModel) or not is_warm_model(os.fspath(p), token=token)
+        if ensemble and (isinstance(p, RewardModel) or not is_warm_model(os.fspath(p), token=token))
     ]
     if ensemble and len(members) < 2:
         raise InvalidOptionError(

@@ -602,7 +602,7 @@ def _finish_side_files(
         base=base,
     )
     recipe.save(folder)
-    write_card(folder, model_name=folder.name.removesuffix(PARTIAL_SUFFIX), token=token, found=found)
+    write_card(folder, token=token, found=found)  # titled after the folder, less its partial suffix
 
 
 def _publish(partial: Path, out: Path) -> None:
