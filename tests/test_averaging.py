@@ -4,7 +4,6 @@ and the same refusal of NaN/Inf from `merge`, the in-memory API and `evaluate`'s
 from __future__ import annotations
 
 import importlib
-import struct
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from safetensors.torch import load_file, save_file
 import warm_hub
 from warm_hub import average_state_dicts, averaging
 from warm_hub.errors import InvalidOptionError, NonFiniteWeightsError
+from warm_hub.testing.checkpoints import float32_from_bits as nan
 from warm_hub.testing.checkpoints import make_members
 
 FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
@@ -72,10 +72,6 @@ def test_fp8_output_refuses_out_of_range_values() -> None:
         average_state_dicts(states, dtype=torch.float8_e4m3fn)
     with pytest.raises(NonFiniteWeightsError, match="overflows torch.float8_e5m2"):
         average_state_dicts([{"w": torch.tensor([70000.0])}] * 2, dtype=torch.float8_e5m2)
-
-
-def nan(payload: int) -> float:
-    return struct.unpack("f", struct.pack("I", payload))[0]
 
 
 def test_nan_payloads_are_written_canonically_on_every_path(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,7 +12,7 @@ import torch
 import warm_hub
 import warm_hub.engine as engine
 from warm_hub.errors import IncompatibleCheckpointsError, InvalidOptionError, UnsupportedAdapterError
-from warm_hub.testing.checkpoints import perturb, save_checkpoint, tiny_model, tiny_tokenizer
+from warm_hub.testing.checkpoints import load_tensors, perturb, save_checkpoint, tiny_model, tiny_tokenizer
 from warm_hub.testing.merges import interrupting_bar
 
 peft = pytest.importorskip("peft")
@@ -64,15 +64,6 @@ def average(states: list[dict], weights: list[float]) -> dict[str, torch.Tensor]
     return {k: sum(s[k] * (w / total) for s, w in zip(states, weights, strict=True)) for k in states[0]}
 
 
-def read_output(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    out = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(file))
-    return out
-
-
 def assert_close(got: dict, want: dict, *, atol: float = 2e-6) -> None:
     # Tied or buffer entries of a state dict aside, every saved tensor must match the adapted average.
     for name, value in got.items():
@@ -119,22 +110,22 @@ def test_adapters_merge_to_the_average_of_the_adapted_models(base, adapters, tmp
     result = warm_hub.merge(adapters, out, weights=[0.3, 0.7], max_memory=7000, device="cpu")
     assert result.total_size > 0
     want = average([adapted_state(base, a) for a in adapters], [0.3, 0.7])
-    got = read_output(out)
+    got = load_tensors(out)
     assert set(got) == set(load_reward_model(base).state_dict())
     assert_close(got, want)
     merged = load_reward_model(out)
     recipe = (out / "warm_recipe.yaml").read_text()
     assert "lora-a" in recipe and "base:" in recipe
-    # Not the average of the factors: averaging A and B separately gives another model.
+    # The deltas were added: the merge scores otherwise than the base.
     assert not torch.allclose(rewards(merged), rewards(load_reward_model(base)))
 
 
-def test_same_bytes_whatever_the_chunk_size(adapters, tmp_path, monkeypatch):
+def test_chunk_size_moves_an_adapted_merge_by_fp32_rounding_at_most(adapters, tmp_path, monkeypatch):
     small = warm_hub.merge(adapters, tmp_path / "a", device="cpu").shards
     monkeypatch.setattr(engine, "CHUNK_ALIGNMENT", 8)
     monkeypatch.setattr(engine, "MIN_CHUNK_ELEMENTS", 8)
     assert warm_hub.merge(adapters, tmp_path / "b", device="cpu", max_memory=5000).shards.keys() == small.keys()
-    a, b = read_output(tmp_path / "a"), read_output(tmp_path / "b")
+    a, b = load_tensors(tmp_path / "a"), load_tensors(tmp_path / "b")
     for name in a:  # row pieces change the matmul's blocking, not the result beyond fp32 rounding
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
 
@@ -145,7 +136,7 @@ def test_adapter_mixed_with_a_full_checkpoint_of_its_base(base, adapters, tmp_pa
     warm_hub.merge([adapters[0], full], out, weights=[1, 3], device="cpu", dtype="bfloat16")
     full_state = {k: v.to(torch.float64) for k, v in load_reward_model(full).state_dict().items()}
     want = average([adapted_state(base, adapters[0]), full_state], [1, 3])
-    got = read_output(out)
+    got = load_tensors(out)
     assert all(v.dtype == torch.bfloat16 for v in got.values())
     for name, value in got.items():  # one rounding to bf16: within half an ulp of the exact average
         exact = want[name]
@@ -162,7 +153,7 @@ def test_gpt2_conv1d_adapter(tmp_path):
     ]
     out = tmp_path / "warm"
     warm_hub.merge(adapters, out, device="cpu")
-    assert_close(read_output(out), average([adapted_state(base, a) for a in adapters], [1, 1]))
+    assert_close(load_tensors(out), average([adapted_state(base, a) for a in adapters], [1, 1]))
 
 
 def test_as_adapter_gives_the_rewards_of_the_full_merge(base, adapters, tmp_path, run_cli):
@@ -194,7 +185,7 @@ def test_adapter_repos_on_the_hub(hub_server, base, tmp_path):
     out = tmp_path / "warm"
     warm_hub.merge(["org/rm-a", "org/rm-b"], out, device="cpu")
     local = warm_hub.merge([tmp_path / "a", tmp_path / "b"], tmp_path / "local", base=str(base), device="cpu")
-    assert read_output(out).keys() == read_output(tmp_path / "local").keys()
+    assert load_tensors(out).keys() == load_tensors(tmp_path / "local").keys()
     assert (out / "model.safetensors").read_bytes() == (tmp_path / "local" / "model.safetensors").read_bytes()
     assert local.shards
     assert "org/base" in (out / "warm_recipe.yaml").read_text()
@@ -217,7 +208,7 @@ def test_reward_adapter_on_a_causal_lm_base(tmp_path):
     assert config["architectures"] == ["LlamaForSequenceClassification"]
     merged = load_reward_model(out)  # no lm_head left over, the score head averaged
     assert merged.config.num_labels == 1
-    assert_close(read_output(out), average([adapted_state(base, a) for a in adapters], [1, 1]))
+    assert_close(load_tensors(out), average([adapted_state(base, a) for a in adapters], [1, 1]))
 
 
 def test_different_bases_are_refused(base, adapters, tmp_path, run_cli):

@@ -9,8 +9,6 @@ dtypes the Triton kernel does not take (the torch loop on the GPU).
 
 from __future__ import annotations
 
-import struct
-
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -18,6 +16,7 @@ from safetensors.torch import load_file, save_file
 import warm_hub
 from warm_hub.cuda_pipeline import CudaAverager
 from warm_hub.errors import NonFiniteWeightsError
+from warm_hub.testing.checkpoints import float32_from_bits as nan
 from warm_hub.testing.checkpoints import make_members
 
 pytestmark = pytest.mark.gpu
@@ -90,10 +89,6 @@ def test_dtypes_outside_the_kernel_have_the_cpu_hashes(tmp_path, dtype, delayed_
     assert gpu == cpu
 
 
-def _nan(payload: int) -> float:
-    return struct.unpack("f", struct.pack("I", payload))[0]
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_nan_payloads_kept_with_allow_non_finite_have_the_cpu_hashes(tmp_path, dtype):
     members = make_members(tmp_path, count=2, dtype=torch.float32)
@@ -101,7 +96,7 @@ def test_nan_payloads_kept_with_allow_non_finite_have_the_cpu_hashes(tmp_path, d
     state = load_file(path)
     name = sorted(state)[0]
     flat = state[name].view(-1)
-    flat[:4] = torch.tensor([_nan(0x7FA00001), _nan(0xFFC12345), float("inf"), _nan(0x7F800001)])
+    flat[:4] = torch.tensor([nan(0x7FA00001), nan(0xFFC12345), float("inf"), nan(0x7F800001)])
     save_file(state, path, metadata={"format": "pt"})
     cpu, gpu = both(members, tmp_path, "nan", dtype=str(dtype).removeprefix("torch."), allow_non_finite=True)
     assert gpu == cpu

@@ -145,3 +145,10 @@ def tiny_cross_encoder(path: str | Path, *, seed: int = 0) -> Path:
     CrossEncoder(str(path / "_bert")).save(str(path))
     shutil.rmtree(path / "_bert")
     return path
+
+
+def float32_from_bits(bits: int) -> float:
+    """The fp32 value with these 32 bits (NaNs with payloads and signs, for tests of canonical NaN bytes)."""
+    import struct
+
+    return struct.unpack("f", struct.pack("I", bits))[0]
