@@ -8,7 +8,8 @@ runs, round-robin, each in a fresh child process (start-up not timed):
 - `link`: the same downloads with `http.client` received straight into a buffer: what the link gives at most.
 - `merge`: `warm_hub.merge(repo_ids, out)` from a cold cache, and its parts (from the progress bar's life):
   fixed costs before the first chunk, the streaming window (its input rate), and what follows it.
-- `fixed`: the fixed costs alone: pinning every repo, index + headers + config, tokenizer files, card look-ups.
+- `fixed`: the fixed costs alone: pinning every repo, metadata (index + headers + config, with the tokenizer and
+  side files fetched alongside), card look-ups.
 
 For each run it records the client's CPU time (child) and the server's (this process), and the load average.
 Usage: `python benchmarks/bench_hub.py [--members 2,4,8] [--shard-mb 50] [--shards 4] [--repeat 3] [--markdown]`.
@@ -232,7 +233,6 @@ def child_fixed(repos: list[str]) -> dict:
     from warm_hub.merging import read_metadata
     from warm_hub.recipe import Ingredient
     from warm_hub.source_factory import open_sources
-    from warm_hub.sources import TOKENIZER_FILES
 
     figures = {}
     with contextlib.ExitStack() as stack:
@@ -240,14 +240,8 @@ def child_fixed(repos: list[str]) -> dict:
         opened = open_sources(repos, stack)
         figures["pin"] = time.perf_counter() - started
         started = time.perf_counter()
-        read_metadata(opened)
-        figures["index_headers_config"] = time.perf_counter() - started
-        started = time.perf_counter()
-        available = set(opened[0].list_files())
-        for name in TOKENIZER_FILES:
-            if name in available:
-                opened[0].fetch(name)
-        figures["tokenizer"] = time.perf_counter() - started
+        read_metadata(opened)  # index, headers and config, with the tokenizer and side files prefetched alongside
+        figures["metadata"] = time.perf_counter() - started
         started = time.perf_counter()
         ingredient_metadata([Ingredient(source=s.label, weight=1.0, revision=s.revision) for s in opened])
         figures["cards"] = time.perf_counter() - started
@@ -368,7 +362,7 @@ def main() -> None:
         before = statistics.median(r["before_stream"] for r in merges)
         after = statistics.median(r["after_stream"] for r in merges)
         fixed = runs[(count, "fixed")]
-        steps = ("pin", "index_headers_config", "tokenizer", "cards")
+        steps = ("pin", "metadata", "cards")
         parts = ", ".join(f"{k} {statistics.median(r[k] for r in fixed):.3f}" for k in steps)
         cells.append(f"{before:.2f} s / {after:.2f} s ({parts} s)")
         best = min(merges, key=lambda r: r["seconds"])

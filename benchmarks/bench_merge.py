@@ -300,7 +300,7 @@ def main() -> None:
         )
         read, merge, naive = (figures[k]["work_best"] for k in ("read", "merge", "naive"))
         rows = {
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU"
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (CPU merge)"
             if args.device == "cpu"
             else torch.cuda.get_device_name(0),
             "date": date.today().isoformat(),
