@@ -115,16 +115,17 @@ def average_tensors(
             continue
         flags = torch.zeros(len(indices), dtype=torch.int32, device=device)
         grouped: list[int] = []
+        members: list[list[torch.Tensor]] = []  # the grouped tensors' contiguous inputs
         for position, index in enumerate(indices):
             out, inputs = outs[index], [x.contiguous() for x in groups[index]]
             if out.is_contiguous() and out.numel() < SINGLE_LAUNCH_MIN_NUMEL and _triton_serves(out, inputs):
                 grouped.append(position)
+                members.append(inputs)
             else:
                 _average_one(out, inputs, weights, flags[position : position + 1])
         if grouped:
             from warm_hub.kernels import GroupedPlan
 
-            members = [[x.contiguous() for x in groups[indices[p]]] for p in grouped]
             plan = GroupedPlan(members, outs=[outs[indices[p]] for p in grouped])
             grouped_flags = torch.zeros(len(grouped), dtype=torch.int32, device=device)
             plan.run(weights, nonfinite=grouped_flags)
