@@ -482,14 +482,14 @@ def test_download_strategy_keeps_at_most_one_shard_per_ingredient_on_disk(hub, l
     most = [0]
 
     def look() -> None:  # at every weight request, in the server's thread: what the merge holds on disk now
-        for folder in scratch.glob("warm-hub-shards-*"):
-            most[0] = max(most[0], len(list(folder.iterdir())))
+        for folder in scratch.glob("warm-hub-files-*"):  # the source's private folder: small files and shards
+            most[0] = max(most[0], len(list(folder.glob("shard-*"))))
 
     server.on_request(look, path="/blobs/", times=100_000)
     sources = [HubSource(f"org/{name}", strategy="download") for name in "abc"]
     assert merge(sources, tmp_path / "warm").shards == local_merge
     assert most[0] == 1  # org/b has 6 shards: each was deleted before the next one came
-    assert not list(scratch.iterdir())  # no temporary shard (or folder) left
+    assert not list(scratch.iterdir())  # no temporary shard, small file or folder left
 
 
 def test_a_sharded_checkpoint_reads_its_headers_at_once_one_request_each(hub, tmp_path):
@@ -602,3 +602,108 @@ def test_training_leftovers_in_a_hub_repo_are_not_fetched(hub_server, members, t
     fetched = {r.path for r in hub_server.requests}
     assert not [p for p in fetched if "trainer_state" in p or "predictions" in p], sorted(fetched)
     assert any(p.endswith("/config.json") for p in fetched)
+
+
+def test_each_small_file_is_one_get_and_nothing_lands_in_the_cache(hub, local_merge, tmp_path):
+    """The config (read for the layout and for the checks at once), index and tokenizer files of each repo cost
+    one GET each: no HEAD, no second download, and none of them is left in the Hugging Face cache."""
+    from huggingface_hub import constants
+
+    server, _ = hub
+    server.requests.clear()
+    assert merge(["org/a", "org/b", "org/c"], tmp_path / "warm").shards == local_merge
+    small = [r for r in server.requests if r.server == "hub" and "/resolve/" in r.path]
+    small = [r for r in small if not r.path.endswith("/README.md")]  # the card's look-up of licenses, not a merge's
+    assert small and not [r for r in small if r.method != "GET"], sorted({(r.method, r.path) for r in small})
+    names = [(r.path.split("/")[2], r.path.rsplit("/", 1)[1]) for r in small if not r.path.endswith(".safetensors")]
+    assert ("b", "model.safetensors.index.json") in names and ("a", "tokenizer.json") in names
+    assert len(names) == len(set(names)), sorted(names)
+    files = (Path(constants.HF_HOME) / "hub").rglob("*")
+    cached = {p.name for p in files if p.is_file() and ".no_exist" not in p.parts}  # README.md's look-up marks
+    assert not cached & {name for _, name in names}, cached
+
+
+def test_a_tokenizer_refusal_met_while_streaming_stops_the_merge_and_leaves_nothing(
+    hub_server, members, tmp_path, monkeypatch
+):
+    """From the Hub, the tokenizers are compared while the weights already stream: a difference still refuses
+    the merge with the same one line, stops the stream, and leaves no output or partial folder."""
+    import json
+    import shutil
+    import time
+
+    from warm_hub.errors import IncompatibleCheckpointsError
+
+    other = shutil.copytree(members[1], tmp_path / "other")
+    tokenizer = json.loads((other / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    vocab["w1"], vocab["w2"] = vocab["w2"], vocab["w1"]
+    (other / "tokenizer.json").write_text(json.dumps(tokenizer))
+    hub_server.upload_folder("org/a", members[0])
+    hub_server.upload_folder("org/other", other)
+
+    def weight_reads() -> int:
+        return len([r for r in hub_server.requests if r.server == "cdn" and r.method == "GET"])
+
+    def late() -> None:  # the tokenizers arrive once the stream is under way (in the server's thread)
+        deadline = time.monotonic() + 10
+        while weight_reads() < 8 and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+    monkeypatch.setattr(hub_source, "READ_AHEAD", 1024)  # a stream of many reads, each a little slow
+    hub_server.slow(seconds=0.02, path="/blobs/", method="GET", times=10_000)
+    hub_server.on_request(late, path="tokenizer.json", method="GET", times=2)
+    with pytest.raises(IncompatibleCheckpointsError, match="tokenizers differ: token 'w1'"):
+        merge(["org/a", "org/other"], tmp_path / "warm", max_memory="300KB")
+    refused = weight_reads()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other"]
+    # Merged anyway when asked (and said so in the result): the refusal had stopped the stream part-way.
+    hub_server.requests.clear()
+    result = merge(["org/a", "org/other"], tmp_path / "warm", max_memory="300KB", allow_config_mismatch="tokenizer")
+    assert any("tokenizers differ" in line for line in result.allowed_mismatches)
+    assert 0 < refused < weight_reads(), (refused, weight_reads())
+
+
+def test_a_resumed_merge_checks_the_tokenizers_first_and_keeps_its_partial(hub_server, members, tmp_path):
+    """A refusal on --resume comes before any weight moves, so the partial folder it would continue is kept."""
+    import json
+    import shutil
+
+    from warm_hub.errors import IncompatibleCheckpointsError
+    from warm_hub.testing.merges import interrupting_bar
+
+    other = shutil.copytree(members[1], tmp_path / "other")
+    tokenizer = json.loads((other / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    vocab["w1"], vocab["w2"] = vocab["w2"], vocab["w1"]
+    (other / "tokenizer.json").write_text(json.dumps(tokenizer))
+    hub_server.upload_folder("org/a", members[0])
+    hub_server.upload_folder("org/other", other)
+    out = tmp_path / "warm"
+    with pytest.raises(KeyboardInterrupt):
+        merge(
+            ["org/a", "org/other"],
+            out,
+            max_memory="300KB",
+            allow_config_mismatch="tokenizer",
+            tqdm_class=interrupting_bar(2),
+        )
+    journal = partial_folder(out) / ".warm-hub-journal"
+    before = sorted(p.name for p in partial_folder(out).iterdir())
+    with pytest.raises(IncompatibleCheckpointsError, match="tokenizer"):
+        merge(["org/a", "org/other"], out, max_memory="300KB", resume=True)
+    assert journal.name in before and not out.exists()
+    assert sorted(p.name for p in partial_folder(out).iterdir()) == before
+
+
+def test_a_broken_safetensors_file_the_index_does_not_name_is_ignored(hub_server, members, tmp_path):
+    """Headers of a remote checkpoint are read before its index says which files it uses; a guess that the
+    layout does not use (here a stray file with a corrupt header) is dropped, errors included."""
+    import shutil
+
+    folder = shutil.copytree(members[1], tmp_path / "stray")
+    (folder / "stray.safetensors").write_bytes(b"\xff" * 64)
+    hub_server.upload_folder("org/stray", folder)
+    hub_server.upload_folder("org/b", members[1])
+    result = merge(["org/stray", "org/b"], tmp_path / "warm")
+    assert result.total_size > 0

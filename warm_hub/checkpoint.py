@@ -25,6 +25,8 @@ MAX_INDEX_BYTES = 64 * 1024 * 1024
 ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, "adapter_model.bin")
 # The config.json key with which transformers (5.x, `_get_resolved_checkpoint_files`) is told which weights to load.
 EXPLICIT_WEIGHTS_KEY = "transformers_weights"
+# A remote checkpoint's headers read before its index says which files it uses: at most this many guesses.
+SPECULATIVE_HEADERS = 64
 
 
 @dataclass
@@ -163,11 +165,33 @@ def read_header(source: IngredientSource, file: str) -> ShardHeader:
 def _read_headers(source: IngredientSource, files: list[str]) -> list[ShardHeader]:
     """Every shard's header, in file order; a remote checkpoint's all at once (each costs a round trip or two:
     30 shards of a 70B model read one by one would wait seconds). The first failure in file order is raised."""
-    if source.is_local or len(files) == 1:
+    if source.is_local or len(files) <= 1:
         return [read_header(source, file) for file in files]
     with ThreadPoolExecutor(max_workers=min(8, len(files)), thread_name_prefix="warm-headers") as pool:
         futures = [pool.submit(read_header, source, file) for file in files]
         return [future.result() for future in futures]
+
+
+def _read_remote_layout(source: IngredientSource) -> tuple[list[str], dict[str, str] | None, list[ShardHeader]]:
+    """`weight_files` and the headers of a remote checkpoint, with their round trips overlapped.
+
+    Which files hold the weights is known only once config.json and the index are read, and each costs round
+    trips; so the index and the header of every top-level safetensors file the repo lists (up to
+    `SPECULATIVE_HEADERS`) are requested at once, alongside. A guessed header the layout does not use is dropped,
+    errors included.
+    """
+    listed = source.list_files()
+    guesses = [f for f in listed if "/" not in f and f.endswith(".safetensors")]
+    if len(guesses) > SPECULATIVE_HEADERS:
+        guesses = []
+    with ThreadPoolExecutor(max_workers=min(8, len(guesses) + 1), thread_name_prefix="warm-layout") as pool:
+        if SAFE_INDEX in listed:
+            pool.submit(source.fetch, SAFE_INDEX)  # weight_files reads it from the cache, or fails on it again
+        early = {f: pool.submit(read_header, source, f) for f in guesses}
+        files, weight_map = weight_files(source)
+        late = [f for f in files if f not in early]
+        headers = dict(zip(late, _read_headers(source, late), strict=True))
+        return files, weight_map, [headers[f] if f in headers else early[f].result() for f in files]
 
 
 def read_checkpoint(source: IngredientSource) -> Checkpoint:
@@ -178,9 +202,13 @@ def read_checkpoint(source: IngredientSource) -> Checkpoint:
         CheckpointFormatError: malformed headers, duplicate tensors, or an index that disagrees with the shards.
     """
     refuse_adapter(source)
-    files, weight_map = weight_files(source)
+    if source.is_local:
+        files, weight_map = weight_files(source)
+        headers = _read_headers(source, files)
+    else:
+        files, weight_map, headers = _read_remote_layout(source)
     checkpoint = Checkpoint(source=source, shards=[])
-    for shard in _read_headers(source, files):
+    for shard in headers:
         checkpoint.shards.append(shard)
         for tensor in shard.tensors:
             if tensor.name in checkpoint.tensors:

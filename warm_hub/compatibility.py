@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from .checkpoint import Checkpoint
 from .configs import TOKENIZER_KEY, config_differences, config_problems
 from .plan import find_incompatibilities
+from .sources import IngredientSource
 from .tokenizer_files import tokenizer_problems
 
 
@@ -43,7 +44,11 @@ def parse_allowed_mismatches(text: str | Iterable[str] | None) -> frozenset[str]
 
 
 def check_compatibility(
-    checkpoints: list[Checkpoint], configs: list[dict | None], *, allow_mismatch: Iterable[str] = ()
+    checkpoints: list[Checkpoint],
+    configs: list[dict | None],
+    *,
+    allow_mismatch: Iterable[str] = (),
+    tokenizers: bool = True,
 ) -> Compatibility:
     """Every reason `checkpoints` cannot be averaged into one model.
 
@@ -51,6 +56,8 @@ def check_compatibility(
         checkpoints: the ingredients' layouts (`read_checkpoint`), whose sources give the tokenizer files.
         configs: their config.json contents (`load_config`; None where missing).
         allow_mismatch: model-defining config keys, or `tokenizer`, whose differences are accepted anyway.
+        tokenizers: compare the tokenizers too; False leaves them to `tokenizer_verdict` (a merge from the Hub
+            compares them while the weights already stream).
 
     Returns:
         A `Compatibility`; `merge` refuses unless `problems` is empty, `inspect` prints the same verdict.
@@ -60,12 +67,19 @@ def check_compatibility(
     problems = find_incompatibilities(checkpoints)
     config_refusals, allowed = config_problems(labels, configs, allow=allow)
     problems += config_refusals
-    tokenizers = tokenizer_problems(labels, [c.source for c in checkpoints])
-    if TOKENIZER_KEY in allow:
-        allowed += tokenizers
-    else:
-        problems += [f"{p} (--allow-config-mismatch {TOKENIZER_KEY} merges anyway)" for p in tokenizers]
+    if tokenizers:
+        refusals, accepted = tokenizer_verdict([c.source for c in checkpoints], allow_mismatch=allow)
+        problems += refusals
+        allowed += accepted
     return Compatibility(problems=problems, allowed=allowed, differences=config_differences(labels, configs))
+
+
+def tokenizer_verdict(sources: list[IngredientSource], *, allow_mismatch: Iterable[str] = ()) -> tuple[list, list]:
+    """How the ingredients' tokenizers differ: (problems that refuse the merge, differences accepted anyway)."""
+    differences = tokenizer_problems([s.label for s in sources], sources)
+    if TOKENIZER_KEY in frozenset(allow_mismatch):
+        return [], differences
+    return [f"{p} (--allow-config-mismatch {TOKENIZER_KEY} merges anyway)" for p in differences], []
 
 
 def refusal_message(problems: list[str]) -> str:

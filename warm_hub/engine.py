@@ -329,6 +329,10 @@ def _reserve(fd: int, size: int, path: Path) -> None:
             raise
 
 
+class MergeStopped(Exception):
+    """`MergeEngine.run` ended early because its `stop` event was set by another thread."""
+
+
 class MergeEngine:
     """Run a `MergePlan` into a folder of shard files.
 
@@ -341,6 +345,8 @@ class MergeEngine:
         device: `cpu` or a CUDA device for the averaging step.
         allow_non_finite: keep going when an ingredient holds NaN/Inf.
         on_progress: called with the number of output bytes each time a chunk is written.
+        stop: set by another thread to stop the merge early (`run` then raises `MergeStopped`), as a check that
+            runs alongside the stream does when it refuses the merge.
     """
 
     def __init__(
@@ -354,6 +360,7 @@ class MergeEngine:
         device: torch.device,
         allow_non_finite: bool = False,
         on_progress: Callable[[int], None] | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
         self.plan, self.sources, self.folder, self.journal = plan, list(sources), folder, journal
         self.chunk, self.device, self.allow_non_finite = chunk, device, allow_non_finite
@@ -385,7 +392,7 @@ class MergeEngine:
         )
         self._pending: list[tuple[str, int, int] | None] = [None] * len(self.sources)
         self._release_batch = [(PIPELINE_DEPTH - 1) * chunk * w for w in self._widths]
-        self._stop = threading.Event()
+        self._stop = stop if stop is not None else threading.Event()
         self._errors: list[BaseException] = []
         self._warned: set[str] = set()
         self._low_rank = None  # computes low-rank delta rows (adapted merges only)
@@ -437,6 +444,8 @@ class MergeEngine:
             writer.close()
         if self._errors:
             raise self._errors[0]
+        if self._stop.is_set():
+            raise MergeStopped("the merge was stopped before every chunk was written")
         return digests
 
     def _mappable(self, index: int) -> bool:

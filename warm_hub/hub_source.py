@@ -1,9 +1,9 @@
 """Ingredients on the Hugging Face Hub: a repo id pinned once to a commit sha, weights streamed by HTTP Range.
 
 `HubSource` reads safetensors byte ranges straight into the engine's buffers (headers first, then chunks)
-through its `RangeReader` (`range_reader.py`: connections, parts, retries), so nothing but config and
-tokenizer files lands on disk; files already complete in the Hugging Face cache are read from there. With
-`HF_HUB_OFFLINE=1` everything comes from the cache.
+through its `RangeReader` (`range_reader.py`: connections, parts, retries), so nothing but the small files
+(config, index, tokenizer) lands on disk, in a private folder deleted when the source closes; files already
+complete in the Hugging Face cache are read from there. With `HF_HUB_OFFLINE=1` everything comes from the cache.
 """
 
 from __future__ import annotations
@@ -33,6 +33,9 @@ READ_AHEAD = 1024 * 1024  # small reads (headers, tiny tensors) fetch this much 
 READ_AHEAD_FILES = 8  # read-ahead blocks kept per source, one per file (headers are read in parallel)
 DOWNLOAD_PART = 8 * 1024 * 1024  # strategy "download": part size of the shard download
 DOWNLOAD_PARTS = 4  # strategy "download": parts fetched at once (the transfer buffer is this many parts)
+# Small files (config, index, tokenizer) come in one GET each up to this size: the Hub keeps files over 10 MB in
+# LFS storage, which serves byte ranges, so only those can need several.
+SMALL_FILE_PART = 16 * 1024 * 1024
 
 
 def pull_strategy() -> str:
@@ -128,6 +131,8 @@ class HubSource(IngredientSource):
             self.revision, self._sizes = self._pin_online(revision)
         self._lock = threading.Lock()
         self._local: dict[str, Path | None] = {}  # file -> complete local copy (cache or downloaded), None: remote
+        self._fetched: dict[str, Path] = {}  # small file -> its path in the Hugging Face cache
+        self._fetching: dict[str, threading.Lock] = {}  # small file -> held while it is being fetched
         self._fds: dict[Path, int] = {}
         self._blocks: dict[str, tuple[int, bytearray]] = {}  # read-ahead per file: (offset, bytes), oldest first
         self._reader = RangeReader(self.repo_id, self.revision, endpoint=self.endpoint, token=token)
@@ -210,25 +215,48 @@ class HubSource(IngredientSource):
         return size
 
     def fetch(self, name: str) -> Path | None:
-        """Small files (config, tokenizer, index) through the normal Hugging Face cache, at the pinned sha."""
+        """A small file (config, tokenizer, index) at the pinned sha, once per source (see `_download_small`)."""
         if name not in self._sizes:
             return None
         if self._snapshot is not None:
             return self._snapshot / name
-        from huggingface_hub import hf_hub_download
+        with self._lock:
+            fetching = self._fetching.setdefault(name, threading.Lock())
+        # One download per file: a second caller (the config is read for the layout and for the checks at once)
+        # waits for the first here, not on huggingface_hub's file lock, which polls every 50 ms.
+        with fetching:
+            path = self._fetched.get(name)
+            if path is None:
+                path = self._fetched[name] = self._download_small(name)
+            return path
 
-        with hub_errors(self.repo_id, revision=self.revision, token=self.token, what=name):
-            return Path(
-                hf_hub_download(
-                    self.repo_id,
-                    name,
-                    revision=self.revision,
-                    token=self.token,
-                    endpoint=self.endpoint,
-                    library_name="warm-hub",
-                    library_version=__version__,
-                )
-            )
+    def _download_small(self, name: str) -> Path:
+        """A small file at the pinned commit: the Hugging Face cache's copy when complete there, else one GET
+        per `SMALL_FILE_PART` into this source's private folder (deleted at `close`). No HEAD and no cache locks,
+        which cost a round trip and a lock file per file in `hf_hub_download`; the size is the one pinned."""
+        cached = self._cached(name)
+        if cached is not None:
+            return cached
+        size = self.file_size(name)
+        fd, path = tempfile.mkstemp(prefix="file-", dir=self._private_folder())
+        try:
+            buffer = memoryview(bytearray(min(size, SMALL_FILE_PART)))
+            for start in range(0, size, SMALL_FILE_PART):
+                view = buffer[: min(SMALL_FILE_PART, size - start)]
+                self._reader.fetch(name, start, view)
+                pwrite_all(fd, view, start)
+        except BaseException:
+            os.close(fd)
+            os.unlink(path)
+            raise
+        os.close(fd)
+        return Path(path)
+
+    def _private_folder(self) -> Path:
+        with self._lock:
+            if self._tmp is None:
+                self._tmp = Path(tempfile.mkdtemp(prefix="warm-hub-files-"))
+            return self._tmp
 
     def read_into(self, name: str, offset: int, buffer: memoryview) -> None:
         """Fill `buffer` with bytes of `name` from `offset`. Thread-safe; retries transient network failures.
@@ -303,9 +331,8 @@ class HubSource(IngredientSource):
 
     def _download_shard(self, name: str) -> Path:
         """Download one shard to a temporary folder, deleting the previous one first (bounded disk)."""
+        folder = self._private_folder()
         with self._lock:
-            if self._tmp is None:
-                self._tmp = Path(tempfile.mkdtemp(prefix="warm-hub-shards-"))
             previous = self._downloaded
             if previous is not None and previous != name:
                 path = self._local.pop(previous, None)
@@ -316,7 +343,7 @@ class HubSource(IngredientSource):
                     path.unlink(missing_ok=True)
                 logger.info("%s: released %s", self.repo_id, previous)
             self._downloaded = name
-        target = self._tmp / name.replace("/", "__")
+        target = folder / ("shard-" + name.replace("/", "__"))
         size = self.file_size(name)
         logger.info("%s: downloading %s (%d bytes)", self.repo_id, name, size)
         # One reusable buffer of a few parts: parallel ranged GETs, written in order (memory stays bounded).

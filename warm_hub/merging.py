@@ -8,12 +8,15 @@ under the output's lock.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import json
 import os
 import re
 import shutil
+import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,12 +25,19 @@ from huggingface_hub.utils import logging
 
 from . import __version__
 from .checkpoint import EXPLICIT_WEIGHTS_KEY, read_checkpoint
-from .compatibility import Compatibility, check_compatibility, parse_allowed_mismatches, refusal_message
+from .compatibility import (
+    Compatibility,
+    check_compatibility,
+    parse_allowed_mismatches,
+    refusal_message,
+    tokenizer_verdict,
+)
 from .configs import load_config
 from .constants import CONFIG_NAME, JOURNAL_NAME, OLD_SUFFIX, PARTIAL_SUFFIX, SAFE_INDEX
 from .engine import (
     DISK_FULL_ERRNOS,
     MergeEngine,
+    MergeStopped,
     ShardWriter,
     check_open_files,
     chunk_elements,
@@ -239,9 +249,10 @@ def merge(
     # The lock outlives the stack below: it covers the rename into place and the push.
     with contextlib.ExitStack() as locked, contextlib.ExitStack() as stack:
         stack.enter_context(_automatic_gc_paused())
-        # Everything but the weights is made on this thread while the main one plans and the engine streams.
+        # Everything but the weights is made on this thread while the engine streams. Nothing runs there before:
+        # on two cores its imports and template compiling held the GIL while the main thread pinned and read the
+        # headers, and slowed those round trips by about 80 ms.
         side = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="warm-side"))
-        side.submit(_warm_up_side_files, tqdm_class is None)
         opened = open_sources(sources, stack, token=token)
         check_not_over_inputs(out, opened)
         locked.enter_context(output_lock(out))
@@ -250,14 +261,26 @@ def merge(
         if adapted is not None and as_adapter:
             ingredients = _ingredients(opened, adapted.plan)
             return _write_adapter_output(adapted, ingredients, out, started, push_to, private, token)
+        # From the Hub, the checks that read only small files (tokenizers, side files) cost round trips: they run
+        # while the weights stream, and a refusal stops the stream and removes the partial output. A resumed
+        # merge checks first, so that a refusal keeps the partial folder it would have continued.
+        late = adapted is None and not resume and not all(s.is_local for s in opened)
         if adapted is not None:
             plan, read_from, configs = adapted.plan, adapted.sources, [adapted.config]
             side_sources = [adapted.side_source]
             verdict = Compatibility(problems=[])
         else:
-            plan, configs, verdict = _plan_full(opened, weights, dtype, shard_bytes, allowed_keys)
+            plan, configs, verdict = _plan_full(opened, weights, dtype, shard_bytes, allowed_keys, tokenizers=not late)
             read_from, side_sources = opened, opened
-        side_files = plan_side_files(side_sources, configs, trust_remote_code_files=trust_remote_code_files)
+        checks = functools.partial(
+            _check_small_files,
+            side_sources,
+            configs,
+            allowed_keys,
+            trust_remote_code_files=trust_remote_code_files,
+            tokenizers=late,
+        )
+        side_files = None if late else checks()[0]
         check_open_files(plan, read_from)
         fingerprint = plan.fingerprint([s.identity() for s in read_from])
         partial = partial_folder(out)
@@ -271,7 +294,7 @@ def merge(
             stack.callback(journal.close)
             resumed = len(journal.done())
             ingredients = _ingredients(opened, plan)
-            digests = _write_partial(
+            digests, late_allowed = _write_partial(
                 plan,
                 read_from,
                 partial,
@@ -280,7 +303,7 @@ def merge(
                 side_sources,
                 configs,
                 ingredients,
-                side_files,
+                side_files if side_files is not None else checks,
                 adapted=adapted,
                 device=torch_device,
                 allow_non_finite=allow_non_finite,
@@ -304,7 +327,7 @@ def merge(
             seconds=time.perf_counter() - started,
             resumed_chunks=resumed,
             config_differences=verdict.differences,
-            allowed_mismatches=verdict.allowed,
+            allowed_mismatches=verdict.allowed + late_allowed,
         )
         if push_to:
             from .hub import push_to_hub
@@ -313,20 +336,58 @@ def merge(
     return result
 
 
-def _plan_full(opened, weights, dtype, shard_bytes: int, allowed_keys) -> tuple[MergePlan, list, Compatibility]:
+def _plan_full(
+    opened, weights, dtype, shard_bytes: int, allowed_keys, *, tokenizers: bool = True
+) -> tuple[MergePlan, list, Compatibility]:
     """Plan a merge of full checkpoints: read their metadata, refuse incompatible ones, warn of allowed mismatches.
+
+    Args:
+        tokenizers: compare the tokenizers here; False leaves them to `_check_small_files`, alongside the stream
+            (a refusal still names every problem: the tokenizers are then compared here too).
 
     Returns:
         (plan, configs, compatibility verdict).
     """
-    checkpoints, configs = read_metadata(opened)
-    verdict = check_compatibility(checkpoints, configs, allow_mismatch=allowed_keys)
+    checkpoints, configs = read_metadata(opened, prefetch=tokenizers)
+    verdict = check_compatibility(checkpoints, configs, allow_mismatch=allowed_keys, tokenizers=tokenizers)
     if verdict.problems:
+        if not tokenizers:
+            verdict = check_compatibility(checkpoints, configs, allow_mismatch=allowed_keys)
         raise IncompatibleCheckpointsError(refusal_message(verdict.problems))
     for line in verdict.allowed:
         logger.warning("merging ingredients that differ, as --allow-config-mismatch asks: %s", line)
     plan = plan_merge(checkpoints, weights=weights, dtype=dtype, shard_size=shard_bytes)
     return plan, configs, verdict
+
+
+def _check_small_files(
+    sources: list[IngredientSource],
+    configs: list[dict | None],
+    allowed_keys,
+    *,
+    trust_remote_code_files: bool,
+    tokenizers: bool,
+) -> tuple[SideFilePlan, list[str]]:
+    """The checks that read only small files: the tokenizers (when `tokenizers`) and the side files.
+
+    Returns:
+        (what the output carries besides the weights, tokenizer differences merged anyway as `allowed_keys` asks).
+
+    Raises:
+        IncompatibleCheckpointsError: the tokenizers or the side files differ (see `plan_side_files` for more).
+    """
+    allowed: list[str] = []
+    if tokenizers:
+        remote = [s for s in sources if not s.is_local]
+        with ThreadPoolExecutor(max_workers=max(1, len(remote)), thread_name_prefix="warm-small") as pool:
+            for future in [pool.submit(_prefetch_small_files, s) for s in remote]:
+                future.exception()  # a failure shows again, in context, when the file is read
+        problems, allowed = tokenizer_verdict(sources, allow_mismatch=allowed_keys)
+        if problems:
+            raise IncompatibleCheckpointsError(refusal_message(problems))
+        for line in allowed:
+            logger.warning("merging ingredients that differ, as --allow-config-mismatch asks: %s", line)
+    return plan_side_files(sources, configs, trust_remote_code_files=trust_remote_code_files), allowed
 
 
 def _ingredients(opened: list[IngredientSource], plan: MergePlan) -> list[Ingredient]:
@@ -364,33 +425,46 @@ def _write_partial(
     allow_non_finite: bool,
     tqdm_class,
     token,
-) -> dict[str, str]:
+) -> tuple[dict[str, str], list[str]]:
     """Stream the weights into `partial` while the side thread prepares the other files, then finish them.
 
+    Args:
+        side_files: the `SideFilePlan`, or the checks that make it (`_check_small_files`), run on the side thread
+            while the weights stream: a failure there stops the stream, and is what this raises.
+
     Returns:
-        The shard digests.
+        (the shard digests, the differences the side thread's checks merged anyway).
     """
+    stop = threading.Event()
     prepared = side.submit(
-        _prepare_side_files, plan, side_sources, configs, ingredients, partial, side_files, token=token
+        _prepare_side_files, plan, side_sources, configs, ingredients, partial, side_files, token=token, stop=stop
     )
+    digests = None
     try:
-        digests = _run_engine(plan, read_from, partial, journal, device, allow_non_finite, tqdm_class)
+        digests = _run_engine(plan, read_from, partial, journal, device, allow_non_finite, tqdm_class, stop)
+    except MergeStopped:
+        pass  # the side thread failed: its error is raised below
     finally:
         wait([prepared])
     journal.close()
     try:
-        found = prepared.result()
+        found, allowed = prepared.result()
+        assert digests is not None, "the merge stopped while its side files succeeded"
         used = adapted and AdapterBase.of(adapted.base.source, reference=adapted.base_reference)
         _finish_side_files(plan, ingredients, partial, digests, found, token=token, base=used)
     except OSError as exc:
         if exc.errno in DISK_FULL_ERRNOS:
             raise disk_full(exc, partial) from None
         raise
-    return digests
+    return digests, allowed
 
 
-def read_metadata(sources: list[IngredientSource]) -> tuple[list, list[dict | None]]:
+def read_metadata(sources: list[IngredientSource], *, prefetch: bool = True) -> tuple[list, list[dict | None]]:
     """Every ingredient's checkpoint (index, headers) and config; Hub ones all at once, as each costs round trips.
+
+    Args:
+        prefetch: also fetch every Hub ingredient's small files (tokenizer, side files), all in parallel, before
+            returning (fetched one by one by the checks, they cost a round trip each per ingredient).
 
     Returns:
         (checkpoints, configs), in source order; the first failure in that order is raised.
@@ -399,12 +473,10 @@ def read_metadata(sources: list[IngredientSource]) -> tuple[list, list[dict | No
         return [read_checkpoint(s) for s in sources], [load_config(s) for s in sources]
     with ThreadPoolExecutor(max_workers=16, thread_name_prefix="warm-meta") as pool:
         futures = [(pool.submit(read_checkpoint, s), pool.submit(load_config, s)) for s in sources]
-        # The tokenizer and side files are compared before streaming starts; fetched one by one later, they
-        # cost a round trip each per ingredient (about 1 s for 8 ingredients on loopback).
-        prefetches = [pool.submit(_prefetch_small_files, s) for s in sources if not s.is_local]
+        prefetches = [pool.submit(_prefetch_small_files, s) for s in sources if prefetch and not s.is_local]
         checkpoints, configs = [c.result() for c, _ in futures], [f.result() for _, f in futures]
-        for prefetch in prefetches:
-            prefetch.exception()  # a failure shows again, in context, when the file is read
+        for future in prefetches:
+            future.exception()  # a failure shows again, in context, when the file is read
         return checkpoints, configs
 
 
@@ -417,7 +489,7 @@ _PREFETCH_LIMIT = 64 * 10**6
 
 
 def _prefetch_small_files(source: IngredientSource) -> None:
-    """Bring a Hub ingredient's small files into the local cache at its pinned commit, all at once."""
+    """Fetch a Hub ingredient's small files at its pinned commit, all at once (`HubSource.fetch` keeps them)."""
     names = [
         n
         for n in source.list_files()
@@ -448,7 +520,7 @@ def _automatic_gc_paused():
             gc.enable()
 
 
-def _run_engine(plan, sources, partial, journal, device, allow_non_finite, tqdm_class) -> dict[str, str]:
+def _run_engine(plan, sources, partial, journal, device, allow_non_finite, tqdm_class, stop=None) -> dict[str, str]:
     if tqdm_class is None:
         from huggingface_hub.utils import tqdm as tqdm_class
     with tqdm_class(total=plan.total_size, unit="B", unit_scale=True, unit_divisor=1000, desc="Merging") as bar:
@@ -461,6 +533,7 @@ def _run_engine(plan, sources, partial, journal, device, allow_non_finite, tqdm_
             device=device,
             allow_non_finite=allow_non_finite,
             on_progress=bar.update,
+            stop=stop,
         )
         return engine.run()
 
@@ -534,13 +607,11 @@ def _write_adapter_output(adapted, ingredients, out: Path, started: float, push_
     return result
 
 
-def _warm_up_side_files(progress_bar: bool) -> None:
-    """Import what the side files and the progress bar need and compile the card's template, off the main thread."""
+def _warm_up_card() -> None:
+    """Compile the card's template on the side thread, so that writing the card after the stream does not wait."""
     from .card import load_template
 
     load_template()
-    if progress_bar:
-        from huggingface_hub.utils import tqdm  # noqa: F401
 
 
 def _prepare_side_files(
@@ -549,16 +620,31 @@ def _prepare_side_files(
     configs: list[dict | None],
     ingredients: list[Ingredient],
     folder: Path,
-    side_files: SideFilePlan,
+    side_files: SideFilePlan | Callable[[], tuple[SideFilePlan, list[str]]],
     *,
     token: str | bool | None,
-) -> tuple[str | None, list[str] | None]:
+    stop: threading.Event,
+) -> tuple[tuple[str | None, list[str] | None], list[str]]:
     """Index, config and side files (`warm_hub.side_files`), and the ingredients' license and datasets (the card's
-    slow inputs).
+    slow inputs); first the checks that plan the side files, when `side_files` is them. Any failure sets `stop`.
 
     Returns:
-        `ingredient_metadata(ingredients)`: the license and datasets read from the ingredients' Hub cards.
+        (`ingredient_metadata(ingredients)`: the license and datasets read from the ingredients' Hub cards,
+        the differences the checks merged anyway).
     """
+    try:
+        allowed: list[str] = []
+        if not isinstance(side_files, SideFilePlan):
+            side_files, allowed = side_files()
+        found = _write_side_files(plan, sources, configs, ingredients, folder, side_files, token=token)
+        _warm_up_card()
+        return found, allowed
+    except BaseException:
+        stop.set()
+        raise
+
+
+def _write_side_files(plan, sources, configs, ingredients, folder: Path, side_files: SideFilePlan, *, token):
     from .card import ingredient_metadata
     from .safetensors_io import DTYPES
 
