@@ -3,18 +3,23 @@
 Serves N synthetic bf16 checkpoints from the loopback Hub (`warm_hub.testing.hub_server`, in this process) and
 runs, round-robin, each in a fresh child process (start-up not timed):
 
-- `download`: the yardstick: plain parallel downloads of every weight file with huggingface_hub's HTTP client
-  (`get_session()`, redirects followed, 8 files at a time as `hf download` does), bodies read and dropped.
+- `download`: the yardstick: listing every repo (`model_info`, all at once), then plain parallel downloads of
+  every weight file with huggingface_hub's HTTP client (`get_session()`, redirects followed, 8 files at a time as
+  `hf download` does), bodies read and dropped.
 - `link`: the same downloads with `http.client` received straight into a buffer: what the link gives at most.
 - `merge`: `warm_hub.merge(repo_ids, out)` from a cold cache, and its parts (from the progress bar's life):
   fixed costs before the first chunk, the streaming window (its input rate), and what follows it.
-- `fixed`: the fixed costs alone: pinning every repo, metadata (index + headers + config, with the tokenizer and
-  side files fetched alongside), card look-ups.
+- `fixed`: the fixed costs alone: pinning every repo, metadata before streaming (config, index and headers),
+  the small files compared while the weights stream (tokenizer, side files), card look-ups.
+- `write`: writing the merge's output size into a new file (16 MB `pwrite`s, nothing read): the floor the merge's
+  output sets on this machine, which the yardstick (it writes nothing) does not pay.
 
+Every child creates huggingface_hub's HTTP client (its TLS context) before its clock starts, as part of start-up.
 For each run it records the client's CPU time (child) and the server's (this process), and the load average.
 Usage: `python benchmarks/bench_hub.py [--members 2,4,8] [--shard-mb 50] [--shards 4] [--repeat 3] [--markdown]`.
-`--pull download` measures `WARM_HUB_PULL=download` as well; `--latency-ms 30` delays every weight answer's first
-byte, as a distant server does.
+`--pull download` measures `WARM_HUB_PULL=download` as well. `--baseline DIR` runs the merge of another checkout
+too (its `warm_hub` first on `PYTHONPATH`, its C kernel built), in the same rounds. `--latency-ms 30` delays every
+weight answer's first byte, as a distant server does (`--latency-on all`: every answer, API and small files too).
 """
 
 from __future__ import annotations
@@ -131,14 +136,20 @@ def run_child(mode: str, repos: list[str], work: Path, env_extra: dict[str, str]
 
 
 def weight_files(repos: list[str]) -> list[tuple[str, str, int]]:
+    """Every repo's weight files and sizes, listed all at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from huggingface_hub import HfApi
 
     api = HfApi()
-    files = []
-    for repo in repos:
-        info = api.model_info(repo, files_metadata=True)
-        files += [(repo, s.rfilename, s.size) for s in info.siblings if s.rfilename.endswith(".safetensors")]
-    return files
+    with ThreadPoolExecutor(8) as pool:
+        infos = list(pool.map(lambda repo: api.model_info(repo, files_metadata=True), repos))
+    return [
+        (repo, s.rfilename, s.size)
+        for repo, info in zip(repos, infos, strict=True)
+        for s in info.siblings
+        if s.rfilename.endswith(".safetensors")
+    ]
 
 
 def child_download(repos: list[str], *, raw: bool) -> dict:
@@ -149,8 +160,6 @@ def child_download(repos: list[str], *, raw: bool) -> dict:
 
     from huggingface_hub import hf_hub_url
     from huggingface_hub.utils import get_session
-
-    files = weight_files(repos)
 
     def plain(item) -> int:
         repo, name, _ = item
@@ -184,6 +193,7 @@ def child_download(repos: list[str], *, raw: bool) -> dict:
         raise RuntimeError("too many redirects")
 
     cpu, started = cpu_seconds(resource.RUSAGE_SELF), time.perf_counter()
+    files = weight_files(repos)  # a download lists the repo first, as the merge pins it
     with ThreadPoolExecutor(8) as pool:
         received = sum(pool.map(direct if raw else plain, files))
     seconds = time.perf_counter() - started
@@ -230,7 +240,7 @@ def child_fixed(repos: list[str]) -> dict:
     import contextlib
 
     from warm_hub.card import ingredient_metadata
-    from warm_hub.merging import read_metadata
+    from warm_hub.merging import _check_small_files, read_metadata
     from warm_hub.recipe import Ingredient
     from warm_hub.source_factory import open_sources
 
@@ -240,8 +250,11 @@ def child_fixed(repos: list[str]) -> dict:
         opened = open_sources(repos, stack)
         figures["pin"] = time.perf_counter() - started
         started = time.perf_counter()
-        read_metadata(opened)  # index, headers and config, with the tokenizer and side files prefetched alongside
+        _, configs = read_metadata(opened, prefetch=False)  # config, index and headers: before streaming
         figures["metadata"] = time.perf_counter() - started
+        started = time.perf_counter()
+        _check_small_files(opened, configs, (), trust_remote_code_files=False, tokenizers=True)
+        figures["small_files"] = time.perf_counter() - started  # while the weights stream
         started = time.perf_counter()
         ingredient_metadata([Ingredient(source=s.label, weight=1.0, revision=s.revision) for s in opened])
         figures["cards"] = time.perf_counter() - started
@@ -249,13 +262,34 @@ def child_fixed(repos: list[str]) -> dict:
     return figures
 
 
+def child_write(repos: list[str], out: str) -> dict:
+    """The output's size (one ingredient's weights) written into a new file, 16 MB at a time: the page cache's
+    price for the merge's output on this machine, with nothing read."""
+    size = sum(s for *_, s in weight_files(repos[:1]))
+    block = memoryview(os.urandom(16 << 20))
+    os.makedirs(out, exist_ok=True)
+    fd = os.open(os.path.join(out, "model.safetensors"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    cpu, started = cpu_seconds(resource.RUSAGE_SELF), time.perf_counter()
+    try:
+        for offset in range(0, size, len(block)):
+            os.pwrite(fd, block[: min(len(block), size - offset)], offset)
+    finally:
+        os.close(fd)
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "bytes": size, "client_cpu": cpu_seconds(resource.RUSAGE_SELF) - cpu}
+
+
 def child(mode: str, out: str, repos: list[str]) -> None:
     import torch  # noqa: F401 - every child pays the same imports, outside the timings
     from huggingface_hub import HfApi  # noqa: F401
+    from huggingface_hub.utils import get_session
 
     import warm_hub.merging  # noqa: F401
 
-    if mode == "download":
+    get_session()  # huggingface_hub's client and its TLS context: start-up, in every child
+    if mode == "write":
+        figures = child_write(repos, out)
+    elif mode == "download":
         figures = child_download(repos, raw=False)
     elif mode == "link":
         figures = child_download(repos, raw=True)
@@ -281,7 +315,9 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=4, help="shards per ingredient")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--latency-ms", type=float, default=0, help="delay before each weight answer (a far server)")
+    parser.add_argument("--latency-on", choices=["weights", "all"], default="weights", help="which answers wait")
     parser.add_argument("--pull", choices=["stream", "download"], action="append", help="pull strategies to merge")
+    parser.add_argument("--baseline", help="a checkout of another revision: its merges run too, as `baseline`")
     parser.add_argument("--root", default=os.path.join(tempfile.gettempdir(), "warm-hub-bench-hub"))
     parser.add_argument("--markdown", action="store_true", help="print Markdown tables for RESULTS.md")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -295,8 +331,9 @@ def main() -> None:
 
     hub_server.reserve_endpoint()  # before huggingface_hub is imported
     server = hub_server.running_server()
-    if args.latency_ms:  # before each blob answer's first byte, in the server's thread
-        server.on_request(lambda: time.sleep(args.latency_ms / 1000), path="/blobs/", times=10**9)
+    if args.latency_ms:  # before each (blob) answer's first byte, in the server's thread
+        where = "/blobs/" if args.latency_on == "weights" else ""
+        server.on_request(lambda: time.sleep(args.latency_ms / 1000), path=where, times=10**9)
     counts = [int(n) for n in args.members.split(",")]
     root = Path(args.root) / f"{args.shard_mb}MBx{args.shards}"
     members = make_members(root / "members", max(counts), shard_bytes=args.shard_mb * 10**6, shards=args.shards)
@@ -306,7 +343,9 @@ def main() -> None:
         repos.append(f"bench/member-{i}")
     member_bytes = sum(p.stat().st_size for p in members[0].glob("*.safetensors"))
     pulls = args.pull or ["stream"]
-    modes = ["download", "link", *(f"merge-{p}" for p in pulls), "fixed"]
+    modes = ["download", "link", *(f"merge-{p}" for p in pulls), "fixed", "write"]
+    if args.baseline:  # the same merge from another checkout's warm_hub, in the same rounds (same harness)
+        modes.insert(3, "merge-baseline")
     runs: dict[tuple[int, str], list[dict]] = {}
     started = time.perf_counter()
     for _ in range(args.repeat):
@@ -314,18 +353,22 @@ def main() -> None:
             for mode in modes:
                 work = Path(tempfile.mkdtemp(prefix="run-", dir=root))
                 env = {"WARM_HUB_PULL": mode.split("-")[1]} if mode.startswith("merge-") else {}
+                if mode == "merge-baseline":
+                    env = {"PYTHONPATH": os.path.abspath(args.baseline)}
                 try:
                     runs.setdefault((count, mode), []).append(run_child(mode, repos[:count], work, env))
                 finally:
                     shutil.rmtree(work, ignore_errors=True)
     elapsed = time.perf_counter() - started
     for count in counts:
-        digests = {json.dumps(r["shards"], sort_keys=True) for p in pulls for r in runs[(count, f"merge-{p}")]}
+        compared = [*pulls, *(["baseline"] if args.baseline else [])]
+        digests = {json.dumps(r["shards"], sort_keys=True) for p in compared for r in runs[(count, f"merge-{p}")]}
         assert len(digests) == 1, f"{count} ingredients: merges gave different bytes"
 
     mb = 1e6
     loads = [r["load"] for rs in runs.values() for r in rs]
-    latency = f", {args.latency_ms:g} ms before each weight answer" if args.latency_ms else ""
+    answers = "weight answer" if args.latency_on == "weights" else "answer (API, small files, weights)"
+    latency = f", {args.latency_ms:g} ms before each {answers}" if args.latency_ms else ""
     info = (
         f"{os.cpu_count()} CPU cores, Python {platform.python_version()};"
         f" {args.shards} shards of {member_bytes / args.shards / mb:.0f} MB per ingredient"
@@ -339,9 +382,11 @@ def main() -> None:
         "yardstick: plain downloads, best / median",
         "link (http.client)",
         *(f"merge ({p}), best / median" for p in pulls),
+        *(["baseline merge, best / median (baseline / now)"] if args.baseline else []),
         "merge / yardstick (best, median)",
         "streaming window: input rate / yardstick",
         "fixed costs: before streaming / after",
+        "writing the output alone (floor)",
         "merge: client CPU, server CPU (% of wall), peak RSS",
     )
     rows = []
@@ -356,15 +401,20 @@ def main() -> None:
             cells.append(f"{m_best:.2f} / {m_med:.2f} s")
         merges = runs[(count, f"merge-{pulls[0]}")]
         m_best, m_med = summary(merges)
+        if args.baseline:
+            b_best, b_med = summary(runs[(count, "merge-baseline")])
+            cells.append(f"{b_best:.2f} / {b_med:.2f} s ({b_best / m_best:.2f}x, {b_med / m_med:.2f}x)")
         cells.append(f"**{d_best / m_best:.2f}x**, {d_med / m_med:.2f}x")
         s_best, _ = summary(merges, "stream")
         cells.append(f"{size / s_best / mb:.0f} MB/s, {d_best / s_best:.2f}x")
         before = statistics.median(r["before_stream"] for r in merges)
         after = statistics.median(r["after_stream"] for r in merges)
         fixed = runs[(count, "fixed")]
-        steps = ("pin", "metadata", "cards")
+        steps = ("pin", "metadata", "small_files", "cards")
         parts = ", ".join(f"{k} {statistics.median(r[k] for r in fixed):.3f}" for k in steps)
         cells.append(f"{before:.2f} s / {after:.2f} s ({parts} s)")
+        w_best, _ = summary(runs[(count, "write")])
+        cells.append(f"{w_best:.2f} s ({member_bytes / w_best / mb:.0f} MB/s)")
         best = min(merges, key=lambda r: r["seconds"])
         wall = best["seconds"]
         cells.append(
