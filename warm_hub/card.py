@@ -13,6 +13,7 @@ import json
 import os
 import shlex
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 
@@ -73,8 +74,15 @@ def ingredient_metadata(
     """
     licenses: list[str | None] = []
     datasets: dict[str, None] = {}
-    for ing in ingredients:
-        data = None if ing.local else _hub_card_data(ing.source, ing.revision, token=token)
+
+    def card_data(ing: Ingredient) -> dict | None:
+        return None if ing.local else _hub_card_data(ing.source, ing.revision, token=token)
+
+    # All at once: each card costs round trips (a merge reads them while its weights stream; 8 cards one by one
+    # took 0.27 s with 30 ms per answer).
+    with ThreadPoolExecutor(max_workers=min(8, max(1, len(ingredients))), thread_name_prefix="warm-cards") as pool:
+        cards = list(pool.map(card_data, ingredients))
+    for data in cards:
         if data is None:
             licenses.append(None)
             continue

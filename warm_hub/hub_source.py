@@ -131,7 +131,7 @@ class HubSource(IngredientSource):
             self.revision, self._sizes = self._pin_online(revision)
         self._lock = threading.Lock()
         self._local: dict[str, Path | None] = {}  # file -> complete local copy (cache or downloaded), None: remote
-        self._fetched: dict[str, Path] = {}  # small file -> its path in the Hugging Face cache
+        self._fetched: dict[str, Path] = {}  # small file -> its copy (in the Hugging Face cache or the private folder)
         self._fetching: dict[str, threading.Lock] = {}  # small file -> held while it is being fetched
         self._fds: dict[Path, int] = {}
         self._blocks: dict[str, tuple[int, bytearray]] = {}  # read-ahead per file: (offset, bytes), oldest first
@@ -285,6 +285,8 @@ class HubSource(IngredientSource):
                 os.close(fd)
             self._fds.clear()
             self._blocks.clear()
+            self._fetched.clear()  # their copies in the private folder go below
+            self._local.clear()
             self._reader.close()
             if self._tmp is not None:
                 shutil.rmtree(self._tmp, ignore_errors=True)
