@@ -623,24 +623,30 @@ def test_each_small_file_is_one_get_and_nothing_lands_in_the_cache(hub, local_me
     assert not cached & {name for _, name in names}, cached
 
 
+def upload_with_other_token_ids(hub_server, members: list[Path], folder: Path) -> None:
+    """org/a: the first member; org/other: the second one with two tokens' ids swapped in its tokenizer."""
+    import json
+    import shutil
+
+    shutil.copytree(members[1], folder)
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    vocab["w1"], vocab["w2"] = vocab["w2"], vocab["w1"]
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    hub_server.upload_folder("org/a", members[0])
+    hub_server.upload_folder("org/other", folder)
+
+
 def test_a_tokenizer_refusal_met_while_streaming_stops_the_merge_and_leaves_nothing(
     hub_server, members, tmp_path, monkeypatch
 ):
     """From the Hub, the tokenizers are compared while the weights already stream: a difference still refuses
     the merge with the same one line, stops the stream, and leaves no output or partial folder."""
-    import json
-    import shutil
     import time
 
     from warm_hub.errors import IncompatibleCheckpointsError
 
-    other = shutil.copytree(members[1], tmp_path / "other")
-    tokenizer = json.loads((other / "tokenizer.json").read_text())
-    vocab = tokenizer["model"]["vocab"]
-    vocab["w1"], vocab["w2"] = vocab["w2"], vocab["w1"]
-    (other / "tokenizer.json").write_text(json.dumps(tokenizer))
-    hub_server.upload_folder("org/a", members[0])
-    hub_server.upload_folder("org/other", other)
+    upload_with_other_token_ids(hub_server, members, tmp_path / "other")
 
     def weight_reads() -> int:
         return len([r for r in hub_server.requests if r.server == "cdn" and r.method == "GET"])
@@ -666,19 +672,10 @@ def test_a_tokenizer_refusal_met_while_streaming_stops_the_merge_and_leaves_noth
 
 def test_a_resumed_merge_checks_the_tokenizers_first_and_keeps_its_partial(hub_server, members, tmp_path):
     """A refusal on --resume comes before any weight moves, so the partial folder it would continue is kept."""
-    import json
-    import shutil
-
     from warm_hub.errors import IncompatibleCheckpointsError
     from warm_hub.testing.merges import interrupting_bar
 
-    other = shutil.copytree(members[1], tmp_path / "other")
-    tokenizer = json.loads((other / "tokenizer.json").read_text())
-    vocab = tokenizer["model"]["vocab"]
-    vocab["w1"], vocab["w2"] = vocab["w2"], vocab["w1"]
-    (other / "tokenizer.json").write_text(json.dumps(tokenizer))
-    hub_server.upload_folder("org/a", members[0])
-    hub_server.upload_folder("org/other", other)
+    upload_with_other_token_ids(hub_server, members, tmp_path / "other")
     out = tmp_path / "warm"
     with pytest.raises(KeyboardInterrupt):
         merge(
