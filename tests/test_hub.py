@@ -637,37 +637,101 @@ def upload_with_other_token_ids(hub_server, members: list[Path], folder: Path) -
     hub_server.upload_folder("org/other", folder)
 
 
+def weight_reads(hub_server) -> int:
+    return len([r for r in hub_server.requests if r.server == "cdn" and r.method == "GET"])
+
+
+@pytest.fixture
+def engine_starts(hub_server, monkeypatch) -> dict:
+    """Weight reads made before each merge's engine started (the headers'), and whether its run has ended."""
+    from warm_hub.engine import MergeEngine
+
+    seen = {"reads": None, "ended": False}
+    run = MergeEngine.run
+
+    def recorded(self):
+        seen["reads"], seen["ended"] = weight_reads(hub_server), False
+        try:
+            return run(self)
+        finally:
+            seen["ended"] = True
+
+    monkeypatch.setattr(MergeEngine, "run", recorded)
+    return seen
+
+
+def wait_until(condition, seconds: float = 10) -> None:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
 def test_a_tokenizer_refusal_met_while_streaming_stops_the_merge_and_leaves_nothing(
-    hub_server, members, tmp_path, monkeypatch
+    hub_server, members, tmp_path, monkeypatch, engine_starts
 ):
     """From the Hub, the tokenizers are compared while the weights already stream: a difference still refuses
     the merge with the same one line, stops the stream, and leaves no output or partial folder."""
-    import time
-
     from warm_hub.errors import IncompatibleCheckpointsError
 
     upload_with_other_token_ids(hub_server, members, tmp_path / "other")
 
-    def weight_reads() -> int:
-        return len([r for r in hub_server.requests if r.server == "cdn" and r.method == "GET"])
+    def streaming() -> bool:  # the engine has made a few reads of its own
+        return engine_starts["reads"] is not None and weight_reads(hub_server) > engine_starts["reads"] + 3
 
     def late() -> None:  # the tokenizers arrive once the stream is under way (in the server's thread)
-        deadline = time.monotonic() + 10
-        while weight_reads() < 8 and time.monotonic() < deadline:
-            time.sleep(0.005)
+        wait_until(streaming)
 
     monkeypatch.setattr(hub_source, "READ_AHEAD", 1024)  # a stream of many reads, each a little slow
     hub_server.slow(seconds=0.02, path="/blobs/", method="GET", times=10_000)
     hub_server.on_request(late, path="tokenizer.json", method="GET", times=2)
     with pytest.raises(IncompatibleCheckpointsError, match="tokenizers differ: token 'w1'"):
         merge(["org/a", "org/other"], tmp_path / "warm", max_memory="300KB")
-    refused = weight_reads()
+    headers, refused = engine_starts["reads"], weight_reads(hub_server)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other"]
     # Merged anyway when asked (and said so in the result): the refusal had stopped the stream part-way.
     hub_server.requests.clear()
     result = merge(["org/a", "org/other"], tmp_path / "warm", max_memory="300KB", allow_config_mismatch="tokenizer")
     assert any("tokenizers differ" in line for line in result.allowed_mismatches)
-    assert 0 < refused < weight_reads(), (refused, weight_reads())
+    assert headers < refused < weight_reads(hub_server), (headers, refused, weight_reads(hub_server))
+
+
+def test_a_refusal_met_while_streaming_wins_over_a_transfer_error(
+    hub_server, members, tmp_path, fast_retries, engine_starts
+):
+    """The stream fails first (the weights' server errs) while the tokenizer check refuses: the refusal is what
+    the user reads, and the partial folder goes, as no --resume could finish that merge."""
+    from warm_hub.errors import IncompatibleCheckpointsError
+
+    upload_with_other_token_ids(hub_server, members, tmp_path / "other")
+    broken = []
+
+    def break_weights() -> None:  # once the engine streams, every weight read fails (in the server's thread)
+        if engine_starts["reads"] is not None and not broken:
+            broken.append(True)
+            hub_server.fail(status=500, times=10_000, path="/blobs/")
+
+    hub_server.on_request(break_weights, path="/blobs/", times=10_000)
+    hub_server.on_request(lambda: wait_until(lambda: engine_starts["ended"]), path="tokenizer.json", method="GET")
+    with pytest.raises(IncompatibleCheckpointsError, match="tokenizers differ"):
+        merge(["org/a", "org/other"], tmp_path / "warm", max_memory="300KB")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other"]
+
+
+def test_a_fresh_run_refused_by_a_late_check_keeps_an_older_partial(hub_server, members, tmp_path):
+    """A rerun without --resume over an interrupted merge's partial folder checks the tokenizers first: its
+    refusal leaves that folder for the --resume it was meant for."""
+    from warm_hub.errors import IncompatibleCheckpointsError
+    from warm_hub.testing.merges import interrupting_bar
+
+    upload_with_other_token_ids(hub_server, members, tmp_path / "other")
+    out, sources = tmp_path / "warm", ["org/a", "org/other"]
+    with pytest.raises(KeyboardInterrupt):
+        merge(sources, out, max_memory="300KB", allow_config_mismatch="tokenizer", tqdm_class=interrupting_bar(2))
+    with pytest.raises(IncompatibleCheckpointsError, match="tokenizer"):
+        merge(sources, out, max_memory="300KB")
+    assert (partial_folder(out) / ".warm-hub-journal").exists() and not out.exists()
 
 
 def test_a_resumed_merge_checks_the_tokenizers_first_and_keeps_its_partial(hub_server, members, tmp_path):
@@ -702,5 +766,19 @@ def test_a_broken_safetensors_file_the_index_does_not_name_is_ignored(hub_server
     (folder / "stray.safetensors").write_bytes(b"\xff" * 64)
     hub_server.upload_folder("org/stray", folder)
     hub_server.upload_folder("org/b", members[1])
-    result = merge(["org/stray", "org/b"], tmp_path / "warm")
-    assert result.total_size > 0
+    hub_server.requests.clear()
+    local = merge([members[1], members[1]], tmp_path / "local")
+    assert merge(["org/stray", "org/b"], tmp_path / "warm").shards == local.shards
+    assert any(r.path.endswith("/stray.safetensors") for r in hub_server.requests)  # it was guessed, and read
+
+
+def test_a_small_file_whose_size_is_not_the_listed_one_is_a_format_error(hub_server, members):
+    """The size a small file is fetched at comes from the repo's listing: a body longer (it would be cut short)
+    or shorter (the server says where it ends) is refused in one line, never kept truncated."""
+    hub_server.upload_folder("org/a", members[0])
+    for change in (-10, 10):
+        source = HubSource("org/a")
+        source._sizes["tokenizer.json"] += change  # a listing that disagrees with the file
+        with pytest.raises(CheckpointFormatError, match="tokenizer.json is .* bytes, but the Hub lists it at"):
+            source.fetch("tokenizer.json")
+        source.close()

@@ -25,8 +25,10 @@ MAX_INDEX_BYTES = 64 * 1024 * 1024
 ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, "adapter_model.bin")
 # The config.json key with which transformers (5.x, `_get_resolved_checkpoint_files`) is told which weights to load.
 EXPLICIT_WEIGHTS_KEY = "transformers_weights"
-# A remote checkpoint's headers read before its index says which files it uses: at most this many guesses.
+# A remote checkpoint's headers read before its index says which files it uses: at most this many guesses, each
+# of at most this many bytes (a small read, served from one read-ahead block, never a download).
 SPECULATIVE_HEADERS = 64
+SPECULATIVE_HEADER_BYTES = 512 * 1024
 
 
 @dataclass
@@ -177,21 +179,43 @@ def _read_remote_layout(source: IngredientSource) -> tuple[list[str], dict[str, 
 
     Which files hold the weights is known only once config.json and the index are read, and each costs round
     trips; so the index and the header of every top-level safetensors file the repo lists (up to
-    `SPECULATIVE_HEADERS`) are requested at once, alongside. A guessed header the layout does not use is dropped,
-    errors included.
+    `SPECULATIVE_HEADERS`) are requested at once, alongside. A guess reads at most `SPECULATIVE_HEADER_BYTES`
+    (never a whole file); one the layout does not use is dropped, errors included, and one that failed or was too
+    big is read again once the layout names it.
     """
     listed = source.list_files()
-    guesses = [f for f in listed if "/" not in f and f.endswith(".safetensors")]
+    top = [f for f in listed if "/" not in f]
+    guesses = [f for f in top if f.endswith(".safetensors")]
     if len(guesses) > SPECULATIVE_HEADERS:
         guesses = []
+    index = SAFE_INDEX in top and SAFE_SINGLE not in top and source.file_size(SAFE_INDEX) <= MAX_INDEX_BYTES
     with ThreadPoolExecutor(max_workers=min(8, len(guesses) + 1), thread_name_prefix="warm-layout") as pool:
-        if SAFE_INDEX in listed:
-            pool.submit(source.fetch, SAFE_INDEX)  # weight_files reads it from the cache, or fails on it again
-        early = {f: pool.submit(read_header, source, f) for f in guesses}
-        files, weight_map = weight_files(source)
-        late = [f for f in files if f not in early]
-        headers = dict(zip(late, _read_headers(source, late), strict=True))
-        return files, weight_map, [headers[f] if f in headers else early[f].result() for f in files]
+        if index:
+            pool.submit(source.fetch, SAFE_INDEX)  # weight_files reads it from there, or fails on it again
+        early = {f: pool.submit(_guessed_header, source, f) for f in guesses}
+        try:
+            files, weight_map = weight_files(source)
+        except BaseException:
+            for future in early.values():
+                future.cancel()  # only those not started: at most one read per worker is still waited for
+            raise
+        found: dict[str, ShardHeader | None] = {}
+        for f in files:
+            try:
+                found[f] = early[f].result() if f in early else None
+            except Exception:  # noqa: BLE001 - read again below, where its error is the one raised
+                found[f] = None
+        late = [f for f in files if found[f] is None]
+        found.update(zip(late, _read_headers(source, late), strict=True))
+        return files, weight_map, [found[f] for f in files]
+
+
+def _guessed_header(source: IngredientSource, file: str) -> ShardHeader | None:
+    """A shard's header read before the layout names the file: None when it is bigger than a guess may read."""
+    if source.file_size(file) < 8:
+        return None
+    length = int.from_bytes(source.read_bytes(file, 0, 8), "little")
+    return read_header(source, file) if length <= SPECULATIVE_HEADER_BYTES else None
 
 
 def read_checkpoint(source: IngredientSource) -> Checkpoint:

@@ -241,16 +241,29 @@ class HubSource(IngredientSource):
         fd, path = tempfile.mkstemp(prefix="file-", dir=self._private_folder())
         try:
             buffer = memoryview(bytearray(min(size, SMALL_FILE_PART)))
-            for start in range(0, size, SMALL_FILE_PART):
-                view = buffer[: min(SMALL_FILE_PART, size - start)]
-                self._reader.fetch(name, start, view)
-                pwrite_all(fd, view, start)
+            try:
+                for start in range(0, size, SMALL_FILE_PART):
+                    view = buffer[: min(SMALL_FILE_PART, size - start)]
+                    self._reader.fetch(name, start, view)
+                    pwrite_all(fd, view, start)
+            except HubTransferError:
+                self._check_reported_size(name, size)  # a file shorter than listed: say so, not "retry later"
+                raise
+            self._check_reported_size(name, size)  # a file longer than listed would be cut short
         except BaseException:
             os.close(fd)
             os.unlink(path)
             raise
         os.close(fd)
         return Path(path)
+
+    def _check_reported_size(self, name: str, size: int) -> None:
+        reported = self._reader.reported_size(name)
+        if reported is not None and reported != size:
+            raise CheckpointFormatError(
+                f"{self.repo_id}@{self.revision[:12]}: {name} is {reported} bytes, but the Hub lists it at {size};"
+                " its listing and its files disagree"
+            )
 
     def _private_folder(self) -> Path:
         with self._lock:

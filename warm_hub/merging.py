@@ -262,9 +262,10 @@ def merge(
             ingredients = _ingredients(opened, adapted.plan)
             return _write_adapter_output(adapted, ingredients, out, started, push_to, private, token)
         # From the Hub, the checks that read only small files (tokenizers, side files) cost round trips: they run
-        # while the weights stream, and a refusal stops the stream and removes the partial output. A resumed
-        # merge checks first, so that a refusal keeps the partial folder it would have continued.
-        late = adapted is None and not resume and not all(s.is_local for s in opened)
+        # while the weights stream, and a refusal stops the stream and removes the partial output. Where a partial
+        # folder is already there (--resume, or a rerun without it), they come first: a refusal keeps that folder.
+        late = adapted is None and not resume and not partial_folder(out).exists()
+        late = late and not all(s.is_local for s in opened)
         if adapted is not None:
             plan, read_from, configs = adapted.plan, adapted.sources, [adapted.config]
             side_sources = [adapted.side_source]
@@ -443,8 +444,14 @@ def _write_partial(
     try:
         digests = _run_engine(plan, read_from, partial, journal, device, allow_non_finite, tqdm_class, stop)
     except MergeStopped:
-        pass  # the side thread failed: its error is raised below
-    finally:
+        wait([prepared])  # the side thread failed: its error is raised below
+    except BaseException as exc:
+        wait([prepared])
+        refusal = prepared.exception()
+        if isinstance(refusal, _FINAL_ERRORS):  # no rerun could finish this merge: say why, not what stopped it
+            raise refusal from exc
+        raise
+    else:
         wait([prepared])
     journal.close()
     try:

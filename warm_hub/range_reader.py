@@ -64,6 +64,7 @@ class RangeReader:
         self.repo_id, self.revision, self.endpoint, self.token = repo_id, revision, endpoint, token
         self._lock = threading.Lock()
         self._locations: dict[str, str] = {}  # file -> signed storage URL its resolve redirected to
+        self._totals: dict[str, int] = {}  # file -> its size as the last answer about it gave it
         self._idle: dict[Origin, list[http.client.HTTPConnection]] = {}
         self._headers: dict[str, str] | None = None
         self._pool: ThreadPoolExecutor | None = None
@@ -131,6 +132,11 @@ class RangeReader:
             )
             time.sleep(wait)
 
+    def reported_size(self, name: str) -> int | None:
+        """The size of `name` the last answer about it gave (`Content-Range: bytes a-b/N`, or a 200's length)."""
+        with self._lock:
+            return self._totals.get(name)
+
     def close(self) -> None:
         with self._lock:
             pool, self._pool = self._pool, None
@@ -194,6 +200,11 @@ class RangeReader:
                     response.read()
                     reusable = not response.will_close
                     return 0, _Retry(f"HTTP {status}", retry_after=_retry_after(response.getheader("Retry-After")))
+                if status == 416:  # the range starts past the end: the answer says where the file ends
+                    total = _total_size(response)
+                    if total is not None:
+                        with self._lock:
+                            self._totals[name] = total
                 if status >= 400:
                     self._raise_for_status(name, url, response)
                 if status not in (200, 206):  # 201, 204, 304, a redirect without a location: no bytes of the file
@@ -206,6 +217,10 @@ class RangeReader:
                     )
                 if status == 206 and not (response.getheader("Content-Range") or "").startswith(f"bytes {start}-"):
                     raise HubTransferError(f"{self.repo_id}/{name}: the server sent another byte range")
+                total = _total_size(response) if status == 206 else response.length
+                if total is not None:
+                    with self._lock:
+                        self._totals[name] = total
                 while written < len(view):
                     n = response.readinto(view[written:])
                     if not n:
@@ -319,6 +334,12 @@ class _Retry(Exception):
 
 def _describe(error: BaseException) -> str:
     return str(error) if isinstance(error, _Retry) else f"{type(error).__name__}"
+
+
+def _total_size(response: http.client.HTTPResponse) -> int | None:
+    """N of a `Content-Range: bytes a-b/N` header (None when absent, `*` or malformed)."""
+    _, _, total = (response.getheader("Content-Range") or "").rpartition("/")
+    return int(total) if total.isascii() and total.isdigit() and len(total) < 20 else None
 
 
 def _retry_after(value: str | None) -> float | None:
