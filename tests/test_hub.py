@@ -698,7 +698,7 @@ def test_a_tokenizer_refusal_met_while_streaming_stops_the_merge_and_leaves_noth
 
 
 def test_a_refusal_met_while_streaming_wins_over_a_transfer_error(
-    hub_server, members, tmp_path, fast_retries, engine_starts
+    hub_server, members, tmp_path, fast_retries, engine_starts, monkeypatch
 ):
     """The stream fails first (the weights' server errs) while the tokenizer check refuses: the refusal is what
     the user reads, and the partial folder goes, as no --resume could finish that merge."""
@@ -712,10 +712,12 @@ def test_a_refusal_met_while_streaming_wins_over_a_transfer_error(
             broken.append(True)
             hub_server.fail(status=500, times=10_000, path="/blobs/")
 
+    monkeypatch.setattr(hub_source, "READ_AHEAD", 1024)  # the stream's reads are requests of their own
     hub_server.on_request(break_weights, path="/blobs/", times=10_000)
     hub_server.on_request(lambda: wait_until(lambda: engine_starts["ended"]), path="tokenizer.json", method="GET")
-    with pytest.raises(IncompatibleCheckpointsError, match="tokenizers differ"):
+    with pytest.raises(IncompatibleCheckpointsError, match="tokenizers differ") as refused:
         merge(["org/a", "org/other"], tmp_path / "warm", max_memory="300KB")
+    assert isinstance(refused.value.__cause__, HubTransferError)  # the engine had failed first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other"]
 
 
