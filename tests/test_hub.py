@@ -784,3 +784,20 @@ def test_a_small_file_whose_size_is_not_the_listed_one_is_a_format_error(hub_ser
         with pytest.raises(CheckpointFormatError, match="tokenizer.json is .* bytes, but the Hub lists it at"):
             source.fetch("tokenizer.json")
         source.close()
+
+
+def test_a_full_disk_while_keeping_a_small_file_is_one_clear_error(hub_server, members, monkeypatch):
+    import errno
+
+    from warm_hub.errors import DiskFullError
+
+    def full(fd, data, offset) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    hub_server.upload_folder("org/a", members[0])
+    source = HubSource("org/a")
+    monkeypatch.setattr(hub_source, "pwrite_all", full)
+    with pytest.raises(DiskFullError, match="not enough disk space to keep org/a/tokenizer.json .* TMPDIR"):
+        source.fetch("tokenizer.json")
+    assert not list(source._private_folder().iterdir())  # nothing half-written is left
+    source.close()

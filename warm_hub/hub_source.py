@@ -8,6 +8,7 @@ complete in the Hugging Face cache are read from there. With `HF_HUB_OFFLINE=1` 
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -19,7 +20,7 @@ from huggingface_hub.utils import logging
 
 from . import __version__
 from .constants import PULL_ENV
-from .errors import CheckpointFormatError, InvalidOptionError
+from .errors import CheckpointFormatError, DiskFullError, InvalidOptionError
 from .hub_errors import HubOfflineError, HubTransferError, hub_errors
 from .positional_io import pread_full, pwrite_all
 from .range_reader import RangeReader
@@ -238,7 +239,8 @@ class HubSource(IngredientSource):
         if cached is not None:
             return cached
         size = self.file_size(name)
-        fd, path = tempfile.mkstemp(prefix="file-", dir=self._private_folder())
+        folder = self._private_folder()
+        fd, path = tempfile.mkstemp(prefix="file-", dir=folder)
         try:
             buffer = memoryview(bytearray(min(size, SMALL_FILE_PART)))
             try:
@@ -248,6 +250,13 @@ class HubSource(IngredientSource):
                     pwrite_all(fd, view, start)
             except HubTransferError:
                 self._check_reported_size(name, size)  # a file shorter than listed: say so, not "retry later"
+                raise
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise DiskFullError(
+                        f"not enough disk space to keep {self.repo_id}/{name} ({size} bytes) in {folder.parent}"
+                        f" ({os.strerror(exc.errno)}); free space there or point TMPDIR elsewhere"
+                    ) from None
                 raise
             self._check_reported_size(name, size)  # a file longer than listed would be cut short
         except BaseException:
