@@ -801,3 +801,18 @@ def test_a_full_disk_while_keeping_a_small_file_is_one_clear_error(hub_server, m
         source.fetch("tokenizer.json")
     assert not list(source._private_folder().iterdir())  # nothing half-written is left
     source.close()
+
+
+def test_a_private_folder_made_after_close_goes_with_the_source(hub_server, members):
+    """A fetch still running after `close` (a thread left behind by a second Ctrl-C) may make a new private
+    folder: it is deleted when the source goes, not left in the temporary directory."""
+    import gc
+
+    hub_server.upload_folder("org/a", members[0])
+    source = HubSource("org/a")
+    source.close()
+    folder = source.fetch("tokenizer.json").parent
+    assert folder.is_dir()
+    del source
+    gc.collect()
+    assert not folder.exists()

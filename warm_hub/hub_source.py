@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -278,6 +279,9 @@ class HubSource(IngredientSource):
         with self._lock:
             if self._tmp is None:
                 self._tmp = Path(tempfile.mkdtemp(prefix="warm-hub-files-"))
+                # `close` deletes it; this too, should a read still running after `close` have made another one
+                # (a thread left behind by a second Ctrl-C): when the source goes, or when the process exits.
+                weakref.finalize(self, shutil.rmtree, str(self._tmp), True)
             return self._tmp
 
     def read_into(self, name: str, offset: int, buffer: memoryview) -> None:
