@@ -2,7 +2,8 @@
 
 Tokenizer and generation files, chat templates, processor configs, sentence-transformers' `modules.json` and its
 module folders (`1_Pooling/`, `2_Dense/`, ...), and custom code only when asked. `plan_side_files` decides what
-to carry and checks that the ingredients agree on it before any weight moves; `SideFilePlan.write` writes it.
+to carry and checks that the ingredients agree on it (before any weight moves, or, for a merge from the Hub, while
+the weights stream: a refusal stops it); `SideFilePlan.write` writes it.
 
 Policy, per file (the ingredients are compared with the first one):
 
@@ -147,7 +148,7 @@ def plan_side_files(
 
 def _check_module_weights(sources: list[IngredientSource], name: str) -> None:
     """Every ingredient's copy of a module's weights is a valid safetensors file holding the same tensors: checked
-    from the headers before any weight moves (the files are averaged after the model's weights).
+    from the headers with the other side files (the files are averaged after the model's weights).
 
     Raises:
         CheckpointFormatError: a copy is not a valid safetensors file.
