@@ -91,10 +91,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _handle(self, method: str) -> None:
         self._status = 0
+        self._method, self._logged = method, False
         self._drop_after: int | None = None
         self._ignore_range = False
         self._short: int | None = None
         split = urlsplit(self.path)
+        self._route_path = split.path
         self.query = {k: v[-1] for k, v in parse_qs(split.query).items()}
         self.segments = [unquote(s) for s in split.path.split("/")[1:]]
         self.user = self._user()
@@ -126,16 +128,24 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         finally:
-            self.hub.log(
-                Request(
-                    self.server.role,
-                    method,
-                    split.path,
-                    self.headers.get("Range"),
-                    bool(self.headers.get("Authorization")),
-                    self._status,
-                )
+            self._log()  # an answer that never got its status line (a dropped request) is logged here
+
+    def _log(self) -> None:
+        """Log this request once, with its status: before its answer leaves (`_send_head`), so that a client
+        that has read the answer always finds the request in `requests`."""
+        if self._logged:
+            return
+        self._logged = True
+        self.hub.log(
+            Request(
+                self.server.role,
+                self._method,
+                self._route_path,
+                self.headers.get("Range"),
+                bool(self.headers.get("Authorization")),
+                self._status,
             )
+        )
 
     def _user(self) -> str | None:
         auth = self.headers.get("Authorization") or ""
@@ -159,6 +169,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send_head(self, status: int, headers: dict[str, str | int]) -> None:
         self._status = status
+        self._log()
         self.send_response(status)
         for key, value in headers.items():
             self.send_header(key, str(value))
