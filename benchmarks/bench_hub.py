@@ -329,6 +329,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:  # HF_ENDPOINT comes from the parent's environment
         return child(args.child, args.out, args.repos)
+    if args.baseline and not list(Path(args.baseline, "warm_hub").glob("_cpu_average*.so")):
+        # Without its C kernel the baseline would average on the torch path, about 3x slower: not a fair one.
+        parser.error(
+            f"--baseline {args.baseline}: no built C kernel in its warm_hub/ (copy this checkout's"
+            " warm_hub/_cpu_average*.so there when kernels/cpu_average.c is the same, or build it in place)"
+        )
 
     from warm_hub.testing import hub_server
 
