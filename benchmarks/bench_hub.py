@@ -21,7 +21,7 @@ Usage: `python benchmarks/bench_hub.py [--members 2,4,8] [--shard-mb 50] [--shar
 too (its `warm_hub` first on `PYTHONPATH`, its C kernel built), in the same rounds. `--latency-ms 30` delays every
 weight answer's first byte, as a distant server does (`--latency-on all`: every answer, API and small files too).
 Modes rotate their order each round, and every other round runs backwards: on this VM, memory freed by one
-run is ~8x faster to write into for about 1.5 s (then virtio-balloon hands it back to the hypervisor), so a mode
+run is ~8x faster to write into for about 1.5 s (after that it seems to go back to the hypervisor), so a mode
 that always followed the same one would inherit that one's luck.
 """
 

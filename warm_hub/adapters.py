@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 
 from .checkpoint import read_header
-from .configs import read_json
+from .configs import is_number, read_json
 from .constants import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from .errors import CheckpointFormatError, PickleCheckpointError, UnsupportedAdapterError
 from .safetensors_io import TensorInfo, is_floating
@@ -210,10 +210,6 @@ def _read_config(source: IngredientSource) -> dict:
     return config
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _check_config_values(label: str, config: dict) -> None:
     """The config values the merge computes with have the types PEFT gives them (a hand-edited or hostile
     config must be refused in one line, not fail half-way through a computation)."""
@@ -222,13 +218,13 @@ def _check_config_values(label: str, config: dict) -> None:
         shown = json.dumps(config.get(key))[:60]
         return CheckpointFormatError(f"{label}: {ADAPTER_CONFIG}'s {key} is {shown}, not {expected}")
 
-    if "lora_alpha" in config and not _is_number(config["lora_alpha"]):
+    if "lora_alpha" in config and not is_number(config["lora_alpha"]):
         raise bad("lora_alpha", "a number")
     if "r" in config and not (isinstance(config["r"], int) and not isinstance(config["r"], bool) and config["r"] > 0):
         raise bad("r", "a positive whole number")
     for key in ("alpha_pattern", "rank_pattern"):
         patterns = config.get(key) or {}
-        if not isinstance(patterns, dict) or not all(_is_number(v) for v in patterns.values()):
+        if not isinstance(patterns, dict) or not all(is_number(v) for v in patterns.values()):
             raise bad(key, "an object of numbers")
         for pattern in patterns:
             try:

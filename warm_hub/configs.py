@@ -8,6 +8,7 @@ the same in every ingredient; only training-time and bookkeeping keys may differ
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable
 
@@ -75,6 +76,11 @@ def read_json(source: IngredientSource, name: str, *, limit: int) -> object:
         return json.loads(source.read_bytes(name, 0, size).decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise CheckpointFormatError(f"{source.label}: {name} is not valid JSON") from None
+
+
+def is_number(value: object) -> bool:
+    """Whether a value read from JSON is a finite number (not a bool, which JSON's `true` gives as an int)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def is_diversity_key(key: str) -> bool:

@@ -7,13 +7,13 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .configs import is_number
 from .errors import InvalidOptionError
 
 EVAL_FORMAT = "warm-hub-eval"
@@ -290,7 +290,7 @@ class EvalResults:
             raise bad('"seeds" must hold "seeds" and "splits"')
         for split, by_model in (seeds or {}).get("splits", {}).items():
             if not isinstance(by_model, dict) or not all(
-                isinstance(entry, dict) and all(_is_number(entry.get(key)) for key in ("mean", "se"))
+                isinstance(entry, dict) and all(is_number(entry.get(key)) for key in ("mean", "se"))
                 for entry in by_model.values()
             ):
                 raise bad(f'seeds/{split}: each model must have a numeric "mean" and "se"')
@@ -408,7 +408,7 @@ def _check_split(split: object, models: object, bad) -> dict[str, dict[str, Any]
         if isinstance(result, int | float) and not isinstance(result, bool):
             result = {"accuracy": result}
         accuracy = result.get("accuracy") if isinstance(result, dict) else None
-        if isinstance(accuracy, bool) or not isinstance(accuracy, int | float) or not math.isfinite(accuracy):
+        if not is_number(accuracy):
             raise bad(f'{split}/{model}: "accuracy" must be a number')
         if not 0 <= accuracy <= 1:
             raise bad(f"{split}/{model}: accuracy {accuracy} is not a fraction in [0, 1]")
@@ -431,10 +431,6 @@ def _check_split(split: object, models: object, bad) -> dict[str, dict[str, Any]
             entry["ci"] = [float(ci[0]), float(ci[1])]
         clean[str(model)] = entry
     return clean
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _text(value: object) -> str | None:

@@ -132,7 +132,7 @@ class HubSource(IngredientSource):
         else:
             self.revision, self._sizes = self._pin_online(revision)
         self._lock = threading.Lock()
-        self._local: dict[str, Path | None] = {}  # file -> complete local copy (cache or downloaded), None: remote
+        self._local: dict[str, Path | None] = {}  # weights file -> complete local copy (cache, download) or None
         self._fetched: dict[str, Path] = {}  # small file -> its copy (in the Hugging Face cache or the private folder)
         self._fetching: dict[str, threading.Lock] = {}  # small file -> held while it is being fetched
         self._fds: dict[Path, int] = {}
@@ -324,25 +324,19 @@ class HubSource(IngredientSource):
     def _local_copy(self, name: str, offset: int, length: int) -> Path | None:
         """A complete local copy of `name` to read from, or None to read over HTTP.
 
-        Non-weight files come through the cache; weights are used from the cache when already complete there
-        (a previous `hf download`), else streamed, or (strategy `download`) downloaded one shard at a time.
+        Non-weight files come through `fetch` (once per source); weights are used from the cache when already
+        complete there (a previous `hf download`), else streamed, or (strategy `download`) downloaded one shard at
+        a time.
         """
         if self._snapshot is not None:
             return self._snapshot / name
-        with self._lock:
-            if name in self._local:
-                path = self._local[name]
-                if path is not None:
-                    return path
-            else:
-                path = self._cached(name)
-                self._local[name] = path
-                if path is not None:
-                    return path
         if not name.endswith(".safetensors"):
-            path = self.fetch(name)
-            with self._lock:
-                self._local[name] = path
+            return self.fetch(name)
+        with self._lock:
+            if name not in self._local:
+                self._local[name] = self._cached(name)
+            path = self._local[name]
+        if path is not None:
             return path
         # Header reads stay small range requests even when downloading: shards are fetched for their data only.
         if self.strategy == "download" and length >= READ_AHEAD:

@@ -281,7 +281,7 @@ def merge(
             trust_remote_code_files=trust_remote_code_files,
             tokenizers=late,
         )
-        side_files = None if late else checks()[0]
+        side_files = checks if late else checks()[0]  # late: run on the side thread, while the weights stream
         check_open_files(plan, read_from)
         fingerprint = plan.fingerprint([s.identity() for s in read_from])
         partial = partial_folder(out)
@@ -304,7 +304,7 @@ def merge(
                 side_sources,
                 configs,
                 ingredients,
-                side_files if side_files is not None else checks,
+                side_files,
                 adapted=adapted,
                 device=torch_device,
                 allow_non_finite=allow_non_finite,
